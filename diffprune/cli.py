@@ -1,0 +1,46 @@
+"""`diffprune` command line: one subcommand per module in `diffprune.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import DiffPruneError
+
+# name -> module in diffprune.commands exposing add_parser(subparsers) and run(args) -> int
+COMMANDS = ("train", "eval", "predict", "inspect", "merge", "serve")
+
+
+class UsageError(DiffPruneError):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffprune", description="Diff pruning for Hugging Face models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"diffprune.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"diffprune.commands.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (DiffPruneError, FileNotFoundError) as e:
+        print(f"diffprune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"diffprune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

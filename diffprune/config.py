@@ -1,0 +1,126 @@
+"""`DiffPruningConfig`: every hyperparameter of diff pruning, with a JSON round-trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+# Task heads that transformers initialises fresh for a new task. They are trained densely
+# and stored whole, not diffed (METHOD.md: "The task-specific classifier head is new").
+DEFAULT_HEAD_PATTERNS = ("classifier", "pre_classifier", "score", "qa_outputs")
+
+
+@dataclass
+class DiffPruningConfig:
+    """Hyperparameters of diff pruning (defaults: METHOD.md, BERT-large settings).
+
+    Parameter selection uses name patterns. A pattern is a regular expression matched against
+    whole dotted components of a parameter name: ``"classifier"`` matches ``classifier.weight``
+    and ``model.classifier.dense.bias`` but not ``my_classifier.weight``; ``"encoder\\.layer\\.0"``
+    matches everything in the first layer.
+    """
+
+    target_sparsity: float = 0.005
+    """Fraction of diffed entries kept nonzero by `DiffModel.project()` (0.005 = 0.5%)."""
+    l0_lambda: float = 1.25e-7
+    """Weight of the expected-L0 penalty added to the task loss."""
+    structured: bool = False
+    """Add one group gate per parameter tensor (structured diff pruning)."""
+    use_gates: bool = True
+    """False trains a dense diff with no gates or penalty (the non-adaptive magnitude baseline)."""
+    stretch_l: float = -1.5
+    stretch_r: float = 1.5
+    alpha_init: float = 5.0
+    diff_parameters: list[str] | None = None
+    """Patterns of parameters to diff; None diffs every parameter that is not head or frozen."""
+    head_parameters: list[str] = field(default_factory=lambda: list(DEFAULT_HEAD_PATTERNS))
+    """Patterns of parameters trained densely and stored whole (the new task head)."""
+    frozen_parameters: list[str] = field(default_factory=list)
+    """Patterns of parameters neither diffed nor trained."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        t = self.target_sparsity
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not (0.0 < t <= 1.0) or math.isnan(t):
+            raise ConfigError(
+                f"target_sparsity={t!r} is outside (0, 1]: it is the fraction of diffed entries kept, "
+                "e.g. 0.005 for 0.5%"
+            )
+        if not (self.l0_lambda >= 0.0):
+            raise ConfigError(f"l0_lambda={self.l0_lambda!r} must be >= 0")
+        if not (self.stretch_l < 0.0 and self.stretch_r > 1.0):
+            raise ConfigError(
+                f"stretch interval ({self.stretch_l}, {self.stretch_r}) must satisfy l < 0 < 1 < r so that "
+                "gates can be exactly 0 and exactly 1 (the paper uses -1.5, 1.5)"
+            )
+        for name in ("diff_parameters", "head_parameters", "frozen_parameters"):
+            patterns = getattr(self, name)
+            if patterns is None:
+                continue
+            if isinstance(patterns, str):
+                raise ConfigError(f"{name} must be a list of patterns, not the string {patterns!r}")
+            for p in patterns:
+                try:
+                    re.compile(p)
+                except re.error as e:
+                    raise ConfigError(f"{name}: pattern {p!r} is not a valid regular expression ({e})") from e
+
+    # ---- parameter selection -------------------------------------------------------------
+    @staticmethod
+    def _matches(name: str, patterns) -> bool:
+        return any(re.search(rf"(?:^|\.)(?:{p})(?:\.|$)", name) for p in patterns or ())
+
+    def role_of(self, name: str) -> str:
+        """'head', 'frozen', 'diff' or 'untouched' for a parameter name."""
+        if self._matches(name, self.head_parameters):
+            return "head"
+        if self._matches(name, self.frozen_parameters):
+            return "frozen"
+        if self.diff_parameters is None or self._matches(name, self.diff_parameters):
+            return "diff"
+        return "frozen"
+
+    # ---- JSON ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DiffPruningConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown DiffPruningConfig keys {unknown}; known keys are {sorted(known)} "
+                "(was the file written by a newer diffprune?)"
+            )
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DiffPruningConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"diff config is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError("diff config JSON must be an object")
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        from ._io import atomic_write_text
+
+        atomic_write_text(path, self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DiffPruningConfig":
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
