@@ -4,6 +4,7 @@ from .config import DiffPruningConfig
 from .diff_file import SparseDiff
 from .errors import BaseModelMismatchError, ConfigError, DiffFileError, DiffModeError, DiffPruneError
 from .model import DiffModel
+from .serving.multitask import MultiTaskModel
 
 __version__ = "0.1.0"
 
@@ -15,5 +16,6 @@ __all__ = [
     "DiffModel",
     "DiffPruneError",
     "DiffPruningConfig",
+    "MultiTaskModel",
     "SparseDiff",
 ]
