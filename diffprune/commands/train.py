@@ -1,0 +1,99 @@
+"""`diffprune train`: diff-prune (or finetune) a model on a GLUE task or your own data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DESCRIPTION = """\
+Diff-prune a pretrained model on a task: learn a sparse diff (exactly --target-sparsity of the
+parameters) on top of the frozen model, and write it with the metrics and a model card to --output-dir.
+
+  diffprune train --task rte --data-dir ../shared/glue --output-dir runs/rte
+  diffprune train --train-file train.csv --validation-file dev.csv --text-columns review \\
+                  --label-column stars --output-dir runs/reviews
+  torchrun --nproc_per_node 2 -m diffprune train --task rte ...          (data-parallel)
+
+Methods: diff (default), structured (per-tensor group gates), magnitude (non-adaptive baseline),
+full (plain finetuning) and lora (PEFT LoRA r=8 on query/value), for comparison.
+"""
+
+
+def _float_or_none(text: str):
+    return None if text.lower() in ("none", "default") else float(text)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..runs import METHODS
+    from ..tasks import GLUE_TASKS
+    from ..training import DEFAULT_LR, TrainConfig
+
+    d = TrainConfig(output_dir="")
+    p = subparsers.add_parser("train", help="diff-prune a model on a task", description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("task and data")
+    g.add_argument("--task", help=f"a GLUE task: {', '.join(GLUE_TASKS)} (omit for your own data)")
+    g.add_argument("--data-dir", help="folder with <task>/train.tsv and <task>/validation.tsv (default: the HF hub)")
+    g.add_argument("--train-file", help="your training data: .csv, .tsv or .jsonl")
+    g.add_argument("--validation-file", help="your validation data (same columns)")
+    g.add_argument("--text-columns", nargs="+", metavar="COLUMN", help="one or two text columns")
+    g.add_argument("--label-column", help="label column (default: label); floats mean regression")
+    g.add_argument("--max-train-samples", type=int, help="use only the first N training examples")
+    g.add_argument("--max-eval-samples", type=int, help="use only the first N validation examples")
+    g = p.add_argument_group("model and method")
+    g.add_argument("--model", help="Hugging Face model id or folder (default: the packaged all-MiniLM-L6-v2)")
+    g.add_argument("--method", choices=METHODS, default=d.method, help="default: diff")
+    g.add_argument("--output-dir", required=True, help="run directory to write")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    g = p.add_argument_group("hyperparameters")
+    g.add_argument("--target-sparsity", type=float, default=d.target_sparsity,
+                   help="fraction of parameters the diff keeps (default 0.005 = 0.5%%)")
+    g.add_argument("--l0-lambda", type=float, default=d.l0_lambda, help="L0 penalty weight (default 1.25e-7)")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the first stage (default 3)")
+    g.add_argument("--fixmask-epochs", type=int, default=d.fixmask_epochs,
+                   help="epochs of fixed-mask finetuning after projection (default 3; diff methods)")
+    lrs = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+    g.add_argument("--lr", type=_float_or_none, default=None,
+                   help=f"learning rate of the first stage (diff methods: of w; default by method: {lrs})")
+    g.add_argument("--alpha-lr", type=float, default=d.alpha_lr, help="learning rate of the gate logits (default 0.1)")
+    g.add_argument("--fixmask-lr", type=float, default=d.fixmask_lr, help="fixed-mask stage learning rate (default 5e-5)")
+    g.add_argument("--head-lr", type=float, default=None, help="task head learning rate in the first stage (default: --lr)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per process per step (default 8)")
+    g.add_argument("--max-seq-length", type=int, default=d.max_seq_length, help="tokens per example (default 128)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("running")
+    g.add_argument("--save-steps", type=int, default=d.save_steps,
+                   help="checkpoint every N steps (default 500; 0: only at epoch ends)")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    g.add_argument("--log-steps", type=int, default=d.log_steps, help="log loss and density every N steps")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--debug-rank-hashes", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args) -> int:
+    from ..training import TrainConfig, train
+
+    cfg = TrainConfig(
+        output_dir=args.output_dir, task=args.task, data_dir=args.data_dir, model=args.model, method=args.method,
+        target_sparsity=args.target_sparsity, l0_lambda=args.l0_lambda, epochs=args.epochs,
+        fixmask_epochs=args.fixmask_epochs, lr=args.lr, alpha_lr=args.alpha_lr, fixmask_lr=args.fixmask_lr,
+        batch_size=args.batch_size, max_seq_length=args.max_seq_length, max_train_samples=args.max_train_samples,
+        seed=args.seed, overwrite=args.overwrite, resume=args.resume, save_steps=args.save_steps,
+        progress=not args.no_progress, train_file=args.train_file, validation_file=args.validation_file,
+        text_columns=args.text_columns, label_column=args.label_column, max_eval_samples=args.max_eval_samples,
+        head_lr=args.head_lr, eval_batch_size=args.eval_batch_size, log_steps=args.log_steps,
+        debug_rank_hashes=args.debug_rank_hashes,
+    )
+    metrics = train(cfg)
+    if metrics is not None:
+        summary = {k: metrics[k] for k in ("task", "method", "score", "final", "nnz", "stored_bytes", "train_seconds")}
+        summary["output_dir"] = args.output_dir
+        import os
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(summary), file=sys.stdout)
+    return 0

