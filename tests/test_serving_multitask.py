@@ -131,7 +131,7 @@ def test_add_remove_replace_and_unknown(serving_env, merged):
     info = model.task_info("s")
     assert info["labels"] == ["negative", "positive"] and info["nnz"] > 0 and info["stored_bytes"] > 0
     assert info["metrics"] == {"accuracy": pytest.approx(0.6)}
-    assert info["memory_bytes"] == 16 * info["nnz"] + (2 * 32 + 2) * 4
+    assert info["memory_bytes"] == 12 * info["nnz"] + (2 * 32 + 2) * 4
     with pytest.raises(TaskExistsError):
         model.add_task("s", serving_env["runs"]["nli"])
     model.predict("s", SINGLE_TEXTS[:1])
@@ -173,5 +173,5 @@ def test_memory_is_one_base_plus_small_per_task_state(mtm):
     assert report["base_bytes"] >= 4 * n_params
     per_task = report["task_bytes"]
     assert set(per_task) == set(TASKS)
-    # 16 bytes per nonzero (position, merged and base value) plus the head: ~4% of the base each here
+    # 12 bytes per nonzero (int32 position, merged and base value) plus the head: ~4% of the base each here
     assert sum(per_task.values()) < 0.15 * report["base_bytes"]

@@ -119,6 +119,7 @@ def run(args) -> int:
     for name, (_, path, diff) in zip(names, diffs):
         info = model.add_task(name, diff, run_dir=path)
         print(f"diffprune serve: task {name}: {info['task_type']}, nnz {info['nnz']:,}, from {path}", file=sys.stderr)
+    del diffs  # the model keeps what it needs (positions, merged and base values, heads)
     app = create_app(model, settings)
 
     import uvicorn

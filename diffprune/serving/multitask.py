@@ -19,8 +19,8 @@ The fingerprint of the base is computed once per head-parameter pattern set (wit
 applied) and compared with every diff when it is added; a diff trained on another base is
 refused with `BaseModelMismatchError`. The hot path never fingerprints.
 
-Memory: one copy of the base, plus per task its positions (int64), its merged values and the base
-values at those positions (float32 each: 16 bytes per nonzero) and its head tensors.
+Memory: one copy of the base, plus per task its positions (int32), its merged values and the base
+values at those positions (float32 each: 12 bytes per nonzero) and its head tensors.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -70,12 +71,32 @@ class InputError(TaskError, ValueError):
 
 
 # ---- per-task state ------------------------------------------------------------------------------
+class _Scratch:
+    """A reusable int64 buffer: positions are stored as int32 (4 bytes per nonzero instead of 8) and
+    widened here before a scatter, since numpy scatters with int64 indices ~3x faster."""
+
+    def __init__(self):
+        self.buf = np.empty(0, dtype=np.int64)
+
+    def widen(self, idx: np.ndarray) -> np.ndarray:
+        if idx.dtype == np.int64:
+            return idx
+        n = idx.shape[0]
+        if self.buf.shape[0] < n:
+            self.buf = np.empty(n, dtype=np.int64)
+        out = self.buf[:n]
+        np.copyto(out, idx)
+        return out
+
+
 class _Patch:
-    """The positions of one diffed tensor of one task, with the merged and the base values there."""
+    """The positions of one diffed tensor of one task, with the merged and the base values there.
 
-    __slots__ = ("flat", "idx", "merged", "base", "use_numpy")
+    Memory: 12 bytes per nonzero on CPU (int32 position, float32 merged and base values)."""
 
-    def __init__(self, param: torch.Tensor, idx: torch.Tensor, values: torch.Tensor):
+    __slots__ = ("flat", "idx", "merged", "base", "use_numpy", "scratch")
+
+    def __init__(self, param: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, scratch: _Scratch):
         data = param.detach()
         if not data.is_contiguous():
             raise DiffPruneError("MultiTaskModel needs contiguous parameters (call .contiguous() on the base)")
@@ -86,20 +107,23 @@ class _Patch:
         # On CPU a numpy scatter is single-threaded and has no dispatcher overhead: ~2x faster
         # than index_copy_ for these sizes, and it does not wake the intra-op thread pool.
         self.use_numpy = flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64, torch.float16)
+        self.scratch = scratch
         if self.use_numpy:
-            self.flat, self.idx, self.base, self.merged = flat.numpy(), idx.numpy(), base.numpy(), merged.numpy()
+            narrow = flat.numel() < 2**31
+            self.idx = idx.numpy().astype(np.int32) if narrow else idx.numpy()
+            self.flat, self.base, self.merged = flat.numpy(), base.numpy(), merged.numpy()
         else:
             self.flat, self.idx, self.base, self.merged = flat, idx, base, merged
 
     def apply(self) -> None:
         if self.use_numpy:
-            self.flat[self.idx] = self.merged
+            self.flat[self.scratch.widen(self.idx)] = self.merged
         else:
             self.flat.index_copy_(0, self.idx, self.merged)
 
     def revert(self) -> None:
         if self.use_numpy:
-            self.flat[self.idx] = self.base
+            self.flat[self.scratch.widen(self.idx)] = self.base
         else:
             self.flat.index_copy_(0, self.idx, self.base)
 
@@ -247,6 +271,7 @@ class MultiTaskModel:
         self._tasks: dict[str, _Task] = {}
         self._active: str | None = None
         self._fingerprints: dict[tuple, str] = {}
+        self._scratch = _Scratch()
         self.stats = Stats()
         for name, diff in (tasks or {}).items():
             self.add_task(name, diff)
@@ -340,7 +365,7 @@ class MultiTaskModel:
                 p = params[pname]
                 if int(idx.max()) >= p.numel() or int(idx.min()) < 0:
                     raise DiffFileError(f"diff positions of {pname!r} are out of range for its shape {tuple(p.shape)}")
-                patches.append(_Patch(p, idx, diff.values[pname]))
+                patches.append(_Patch(p, idx, diff.values[pname], self._scratch))
             heads = []
             for hname, tensor in diff.head.items():
                 module, attr = _resolve_param(self.model, hname)
