@@ -62,45 +62,157 @@ def _gate_and_slope(alpha, l, r, seed):
     return _stretch_clamp_(s, l, r), slope
 
 
+# On CPU the elementwise work runs block by block over the flattened tensors, so that each
+# block's dozen passes (noise, logit, sigmoid, stretch, products) stay in cache instead of streaming
+# the whole tensor through memory a dozen times, and the only full-size tensors allocated are the
+# outputs. The noise stream is the same as one `uniform_` over the whole tensor (CPU `uniform_`
+# draws are independent of how the tensor is split). On other devices a block is the whole tensor.
+_CPU_BLOCK = 1 << 17
+
+
+def _block_size(n: int, device: torch.device) -> int:
+    return min(n, _CPU_BLOCK) if device.type == "cpu" else n
+
+
+def _generator(seed: int, device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def _concrete_into_(buf: torch.Tensor, alpha: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """buf <- s = sigmoid(logit(u) + alpha), u drawn from `gen` (bit-identical to `_concrete`)."""
+    return buf.uniform_(generator=gen).logit_(_EPS).add_(alpha).sigmoid_()
+
+
+def _prob_nonzero_into_(buf: torch.Tensor, alpha: torch.Tensor, c: float) -> torch.Tensor:
+    """buf <- sigmoid(alpha - c)."""
+    if c == 0.0:
+        return torch.sigmoid(alpha, out=buf)
+    return torch.sub(alpha, c, out=buf).sigmoid_()
+
+
 class GatedDiff(torch.autograd.Function):
-    """theta + z(alpha, seed) * z_g(alpha_group, seed) * w, with gradients for w, alpha, alpha_group."""
+    """(theta + z(alpha, seed) * z_g(alpha_group, seed) * w,  sum_i P(z_i != 0)).
+
+    Gradients for w, alpha and alpha_group. The second output (the tensor's expected number of
+    nonzero gates, before the group factor) is only computed when ``with_l0`` is true; its
+    gradient is folded into the same backward pass as the gate's, so the L0 penalty allocates no
+    full-size tensor of its own. Nothing full-size is saved for backward: the noise is drawn again
+    from `seed` (w, alpha are parameters, saved by reference).
+    """
 
     @staticmethod
-    def forward(ctx, theta, w, alpha, alpha_group, seed: int, l: float, r: float):
-        z = sample_gate(alpha, l, r, seed)
-        delta = z.mul_(w)
-        if alpha_group is not None:
-            z_g = sample_gate(alpha_group, l, r, seed + 1_000_003)
-            delta.mul_(z_g)
+    def forward(ctx, theta, w, alpha, alpha_group, seed: int, l: float, r: float, with_l0: bool = False):
+        device, n = w.device, w.numel()
+        z_g = sample_gate(alpha_group, l, r, seed + 1_000_003) if alpha_group is not None else None
+        same = theta.dtype == w.dtype
+        out = torch.empty(theta.shape, dtype=theta.dtype, device=device)
+        of, tf, wf, af = out.view(-1), theta.reshape(-1), w.reshape(-1), alpha.reshape(-1)
+        bs = _block_size(n, device)
+        tmp = None if same else torch.empty(bs, dtype=w.dtype, device=device)
+        scratch = torch.empty(bs, dtype=w.dtype, device=device) if with_l0 else None
+        sums = torch.empty(-(-n // bs), dtype=w.dtype, device=device) if with_l0 else None
+        c = log_ratio(l, r)
+        gen = _generator(seed, device)
+        for k, i in enumerate(range(0, n, bs)):
+            j = min(i + bs, n)
+            a = af[i:j]
+            d = of[i:j] if same else tmp[: j - i]
+            _stretch_clamp_(_concrete_into_(d, a, gen), l, r).mul_(wf[i:j])
+            if z_g is not None:
+                d.mul_(z_g)
+            if same:
+                d.add_(tf[i:j])  # == theta + delta
+            else:
+                of[i:j].copy_(d).add_(tf[i:j])  # == theta + delta.to(theta.dtype)
+            if with_l0:
+                sums[k] = _prob_nonzero_into_(scratch[: j - i], a, c).sum()
         ctx.save_for_backward(w, alpha, alpha_group)
         ctx.seed, ctx.l, ctx.r = seed, l, r
-        ctx.theta_dtype = theta.dtype
-        return theta + delta.to(theta.dtype)
+        ctx.set_materialize_grads(False)
+        expected = sums.sum() if with_l0 else torch.zeros((), dtype=w.dtype, device=device)
+        if not with_l0:
+            ctx.mark_non_differentiable(expected)
+        return out, expected
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_expected):
         w, alpha, alpha_group = ctx.saved_tensors
-        g = grad_out.to(w.dtype)
-        z, slope = _gate_and_slope(alpha, ctx.l, ctx.r, ctx.seed)
-        grad_w = grad_alpha = grad_group = None
-        if alpha_group is not None:
-            z_g, slope_g = _gate_and_slope(alpha_group, ctx.l, ctx.r, ctx.seed + 1_000_003)
-            gzw = g * z
-            # d/dz_g of sum(g * z * z_g * w) = sum(g * z * w)
-            if ctx.needs_input_grad[3]:
-                grad_group = (gzw * w).sum() * slope_g
-            g = g * z_g
-            if ctx.needs_input_grad[1]:
-                grad_w = gzw.mul_(z_g)
-        elif ctx.needs_input_grad[1]:
-            grad_w = g * z
-        if ctx.needs_input_grad[2]:
-            grad_alpha = slope.mul_(g).mul_(w)
-        return None, grad_w, grad_alpha, grad_group, None, None, None
+        l, r, seed = ctx.l, ctx.r, ctx.seed
+        device, n = w.device, w.numel()
+        need_w, need_alpha, need_group = ctx.needs_input_grad[1:4]
+        if grad_out is None and grad_expected is None:
+            return None, None, None, None, None, None, None, None
+        dense = grad_out is not None  # then every block of grad_w and grad_alpha is written below
+        grad_w = torch.empty_like(w, memory_format=torch.contiguous_format) if need_w and dense else None
+        grad_alpha = None
+        if need_alpha:
+            grad_alpha = (torch.empty_like if dense else torch.zeros_like)(alpha, memory_format=torch.contiguous_format)
+        grad_group = None
+        af, wf = alpha.reshape(-1), w.reshape(-1)
+        bs = _block_size(n, device)
+        scratch = torch.empty(bs, dtype=w.dtype, device=device)
+        c = log_ratio(l, r)
+        gates_part = grad_out is not None and (need_w or need_alpha or need_group)
+        l0_part = grad_expected is not None and need_alpha
+        gen = _generator(seed, device)
+        if gates_part:
+            g = grad_out.to(w.dtype).contiguous().view(-1)
+            s_buf = torch.empty(bs, dtype=w.dtype, device=device)
+            z_buf = torch.empty(bs, dtype=w.dtype, device=device)
+            lo, hi = -l / (r - l), (1.0 - l) / (r - l)
+            if alpha_group is not None:
+                z_g, slope_g = _gate_and_slope(alpha_group, l, r, seed + 1_000_003)
+                scale = z_g * (r - l)
+                gzw = torch.empty(-(-n // bs), dtype=w.dtype, device=device) if need_group else None
+            else:
+                z_g, scale, gzw = None, r - l, None
+        gwf = grad_w.view(-1) if grad_w is not None else None
+        gaf = grad_alpha.view(-1) if grad_alpha is not None else None
+        for k, i in enumerate(range(0, n, bs)):
+            j = min(i + bs, n)
+            m = j - i
+            ab = af[i:j]
+            if gates_part:
+                gb, wb = g[i:j], wf[i:j]
+                s = _concrete_into_(s_buf[:m], ab, gen)
+                # g * z: dL/dw (times z_g); sum(g * z * w): dL/dz_g
+                gz = torch.mul(s, r - l, out=z_buf[:m]).add_(l).clamp_(0.0, 1.0).mul_(gb)
+                if gzw is not None:
+                    gzw[k] = torch.dot(gz, wb)
+                if need_w:
+                    if z_g is not None:
+                        torch.mul(gz, z_g, out=gwf[i:j])
+                    else:
+                        gwf[i:j].copy_(gz)
+                if need_alpha:
+                    # dz/dalpha = (r - l) s (1 - s) where 0 < z < 1 (lo < s < hi), else 0
+                    t = torch.addcmul(s, s, s, value=-1.0, out=scratch[:m]).mul_(gb).mul_(wb).mul_(scale)
+                    torch.ops.aten.hardtanh_backward.grad_input(t, s, lo, hi, grad_input=gaf[i:j])
+            if l0_part:
+                # d/dalpha of sum_i sigmoid(alpha_i - c) = p (1 - p)
+                p = _prob_nonzero_into_(scratch[:m], ab, c)
+                gaf[i:j].addcmul_(torch.addcmul(p, p, p, value=-1.0, out=p), grad_expected)
+        if gates_part and gzw is not None:
+            grad_group = gzw.sum() * slope_g
+        return None, grad_w, grad_alpha, grad_group, None, None, None, None
 
 
 def gated_diff(theta, w, alpha, alpha_group, seed: int, l: float, r: float) -> torch.Tensor:
-    return GatedDiff.apply(theta, w, alpha, alpha_group, seed, l, r)
+    """theta + z * z_g * w for the noise of `seed` (see `GatedDiff`)."""
+    return GatedDiff.apply(theta, w, alpha, alpha_group, seed, l, r, False)[0]
+
+
+def gated_diff_and_l0(theta, w, alpha, alpha_group, seed: int, l: float, r: float):
+    """(theta + z * z_g * w,  E[||delta||_0] of the tensor), both differentiable, in one pass.
+
+    The second value equals `expected_nonzeros(alpha, alpha_group, l, r)` up to float rounding.
+    """
+    out, total = GatedDiff.apply(theta, w, alpha, alpha_group, seed, l, r, True)
+    if alpha_group is not None:
+        total = total * torch.sigmoid(alpha_group - log_ratio(l, r))
+    return out, total
 
 
 class _SumProbNonzero(torch.autograd.Function):

@@ -69,6 +69,23 @@ def _checkpointing(model: nn.Module) -> bool:
     return bool(flag)
 
 
+def _tensor_seed(base_seed: int, i: int) -> int:
+    """The gate-noise seed of the i-th diffed tensor in a step whose base seed is `base_seed`."""
+    return (base_seed + i * 2_654_435_761) % (2**63 - 2_000_000)
+
+
+def _fused_supported(params) -> bool:
+    """Whether torch's fused Adam(W) step accepts every one of `params` (device and dtype)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except (ImportError, AttributeError):
+        return False
+    ok_dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    return bool(params) and all(p.device.type in devices and p.dtype in ok_dtypes for p in params)
+
+
 class _L0Slot(nn.Module):
     """Trainable diff state of one tensor in the L0 stage."""
 
@@ -172,7 +189,12 @@ class DiffModel(nn.Module):
             delta = delta * gates.deterministic_gate(slot.alpha_group, c.stretch_l, c.stretch_r)
         return delta
 
-    def _effective_parameters(self) -> dict[str, torch.Tensor]:
+    def _effective_parameters(self, with_l0: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """theta + delta per diffed name, and (with_l0, L0 stage with gates) E[||delta||_0].
+
+        In training the expected L0 comes out of the same fused pass as the sampled gates
+        (`gates.gated_diff_and_l0`), so the penalty costs no separate full-size pass or tensor.
+        """
         c = self.config
         theta = self._theta()
         out = {}
@@ -182,17 +204,25 @@ class DiffModel(nn.Module):
                 if slot.positions.numel():
                     flat = t.reshape(-1).index_add(0, slot.positions, slot.values.to(t.dtype))
                     out[name] = flat.view_as(t)
-            return out
+            return out, None
         sampling = self.training and c.use_gates
+        with_l0 = with_l0 and sampling
         base_seed = int(torch.randint(0, 2**62, (1,)).item()) if sampling else 0
+        total = None
         for i, (name, t) in enumerate(theta.items()):
             slot = self._slot(name)
             if sampling:
-                seed = (base_seed + i * 2_654_435_761) % (2**63 - 2_000_000)
-                out[name] = gates.gated_diff(t, slot.w, slot.alpha, slot.alpha_group, seed, c.stretch_l, c.stretch_r)
+                seed = _tensor_seed(base_seed, i)
+                if with_l0:
+                    out[name], e = gates.gated_diff_and_l0(
+                        t, slot.w, slot.alpha, slot.alpha_group, seed, c.stretch_l, c.stretch_r
+                    )
+                    total = e if total is None else total + e
+                else:
+                    out[name] = gates.gated_diff(t, slot.w, slot.alpha, slot.alpha_group, seed, c.stretch_l, c.stretch_r)
             else:
                 out[name] = t + self._delta_l0_eval(name).to(t.dtype)
-        return out
+        return out, total
 
     @torch.no_grad()
     def delta(self) -> dict[str, torch.Tensor]:
@@ -250,17 +280,29 @@ class DiffModel(nn.Module):
                 "gradient checkpointing recomputes activations outside DiffModel's forward, with the base "
                 "weights instead of theta + delta; disable it (model.gradient_checkpointing_disable())"
             )
-        params = self._effective_parameters()
+        c = self.config
+        penalised = self.training and self.stage == "l0" and c.use_gates and c.l0_lambda > 0
+        params, expected_l0 = self._effective_parameters(with_l0=penalised)
         outputs = functional_call(self.model, params, args, kwargs, tie_weights=True, strict=False)
-        if self.training and self.stage == "l0" and self.config.use_gates and self.config.l0_lambda > 0:
+        if penalised:
             loss = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
             if loss is not None:
-                outputs["loss"] = loss + self.l0_penalty()
+                # == loss + self.l0_penalty(), its value and gradient computed in the gates' pass
+                outputs["loss"] = loss + c.l0_lambda * expected_l0
         return outputs
 
     # ---- optimisation helpers ------------------------------------------------------------------
-    def param_groups(self, lr: float = 1e-5, alpha_lr: float = 0.1, head_lr: float | None = None) -> list[dict]:
-        """AdamW parameter groups with the paper's split: lr for w / values, alpha_lr for gate logits."""
+    def param_groups(
+        self, lr: float = 1e-5, alpha_lr: float = 0.1, head_lr: float | None = None, fused: bool | None = None
+    ) -> list[dict]:
+        """AdamW parameter groups with the paper's split: lr for w / values, alpha_lr for gate logits.
+
+        ``fused`` (default: wherever torch has the kernel for every parameter's device and dtype)
+        sets ``"fused": True`` in each group, which selects PyTorch's fused AdamW / Adam step: the
+        same update up to float rounding, and on CPU about 8x faster than the default per-tensor
+        loop, which matters here because the L0 stage has two trainable entries (w, alpha) per
+        diffed entry. ``fused=False`` leaves the groups without the key (the optimiser's default).
+        """
         diff, alphas = [], []
         for slot in self.slots.values():
             for pname, p in slot.named_parameters():
@@ -271,6 +313,11 @@ class DiffModel(nn.Module):
             groups.append({"params": alphas, "lr": alpha_lr, "weight_decay": 0.0})
         if head:
             groups.append({"params": head, "lr": head_lr if head_lr is not None else lr})
+        if fused is None:
+            fused = _fused_supported(diff + alphas + head)
+        if fused:
+            for group in groups:
+                group["fused"] = True
         return groups
 
     # ---- projection ---------------------------------------------------------------------------

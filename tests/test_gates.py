@@ -93,3 +93,116 @@ def test_expected_nonzeros_value_and_gradient():
     got = gates.expected_nonzeros(alpha, group, L, R)
     assert torch.allclose(got, torch.sigmoid(alpha).sum() * torch.sigmoid(group))
     assert torch.autograd.gradcheck(lambda a, g: gates.expected_nonzeros(a, g, L, R), (alpha, group))
+
+
+# ---- the blocked, fused path (gates.gated_diff_and_l0) against plain autograd ------------------------
+def _plain_gated_diff_and_l0(theta, w, alpha, group, seed):
+    """theta + z * z_g * w and sum_i P(z_i != 0) * P(z_g != 0) through ordinary autograd ops."""
+    u = gates._uniform(alpha.shape, seed, alpha.device, alpha.dtype)
+    z = (torch.sigmoid(torch.logit(u) + alpha) * (R - L) + L).clamp(0, 1)
+    d = z * w
+    expected = torch.sigmoid(alpha - math.log(-L / R)).sum()
+    if group is not None:
+        ug = gates._uniform(group.shape, seed + 1_000_003, group.device, group.dtype)
+        d = d * (torch.sigmoid(torch.logit(ug) + group) * (R - L) + L).clamp(0, 1)
+        expected = expected * torch.sigmoid(group - math.log(-L / R))
+    return theta + d.to(theta.dtype), expected
+
+
+def _leaves(shape, dtype, structured, gen):
+    w = (torch.randn(shape, generator=gen, dtype=torch.float64) * 0.1).to(dtype).requires_grad_()
+    alpha = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(dtype).requires_grad_()
+    group = torch.tensor(0.3, dtype=dtype, requires_grad=True) if structured else None
+    return w, alpha, group
+
+
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block", [7, 1 << 17])  # many blocks with a ragged last one; one block
+def test_blocked_fused_path_matches_plain_autograd(structured, dtype, block, monkeypatch):
+    """Values and gradients (w, alpha, alpha_group; task loss and L0 term together) equal plain autograd."""
+    monkeypatch.setattr(gates, "_CPU_BLOCK", block)
+    gen = torch.Generator().manual_seed(3)
+    shape = (9, 5)
+    theta = torch.randn(shape, generator=gen, dtype=dtype)
+    upstream = torch.randn(shape, generator=gen, dtype=dtype)
+    lam = 0.37
+    results = []
+    for fn in (gates.gated_diff_and_l0, lambda *a: _plain_gated_diff_and_l0(*a[:5])):
+        w, alpha, group = _leaves(shape, dtype, structured, torch.Generator().manual_seed(4))
+        out, expected = fn(theta, w, alpha, group, 21, L, R)
+        ((out * upstream).sum() + lam * expected).backward()
+        results.append((out.detach(), expected.detach(), w.grad, alpha.grad, group.grad if structured else None))
+    (out, e, gw, ga, gg), (ref_out, ref_e, ref_gw, ref_ga, ref_gg) = results
+    assert torch.equal(out, ref_out)  # the forward is bit-identical: same noise, same ops
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert torch.allclose(e, ref_e, **tol)
+    assert torch.allclose(gw, ref_gw, **tol)
+    assert torch.allclose(ga, ref_ga, **tol)
+    if structured:
+        assert torch.allclose(gg, ref_gg, **tol)
+    # all three gate regimes occur (z == 0, 0 < z < 1, z == 1), so every branch is exercised
+    alpha = _leaves(shape, dtype, structured, torch.Generator().manual_seed(4))[1].detach()
+    z = gates.sample_gate(alpha, L, R, 21)
+    assert bool((z == 0).any()) and bool(((z > 0) & (z < 1)).any()) and bool((z == 1).any())
+
+
+@pytest.mark.parametrize("use", ["output", "l0"])
+def test_fused_path_with_one_output_unused(use, monkeypatch):
+    monkeypatch.setattr(gates, "_CPU_BLOCK", 8)
+    gen = torch.Generator().manual_seed(5)
+    theta = torch.randn(6, 7, generator=gen)
+    grads = []
+    for fn in (gates.gated_diff_and_l0, lambda *a: _plain_gated_diff_and_l0(*a[:5])):
+        w, alpha, group = _leaves((6, 7), torch.float32, True, torch.Generator().manual_seed(6))
+        out, expected = fn(theta, w, alpha, group, 3, L, R)
+        (out.sum() if use == "output" else expected).backward()
+        grads.append((w.grad, alpha.grad, group.grad))
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)  # through the L0 term alone no gradient reaches w
+        if b is not None:
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_path_low_precision_theta_matches_plain(monkeypatch):
+    """theta in bfloat16, diff state in float32: theta + delta.to(bf16), gradients in float32."""
+    monkeypatch.setattr(gates, "_CPU_BLOCK", 16)
+    gen = torch.Generator().manual_seed(7)
+    theta = torch.randn(8, 5, generator=gen).to(torch.bfloat16)
+    upstream = torch.randn(8, 5, generator=gen).to(torch.bfloat16)
+    res = []
+    for fn in (gates.gated_diff_and_l0, lambda *a: _plain_gated_diff_and_l0(*a[:5])):
+        w, alpha, group = _leaves((8, 5), torch.float32, False, torch.Generator().manual_seed(8))
+        out, expected = fn(theta, w, alpha, group, 9, L, R)
+        assert out.dtype == torch.bfloat16
+        ((out * upstream).float().sum() + 0.1 * expected).backward()
+        res.append((out.detach(), w.grad, alpha.grad))
+    assert torch.equal(res[0][0], res[1][0])
+    for a, b in zip(res[0][1:], res[1][1:]):
+        assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_l0_term_equals_expected_nonzeros():
+    gen = torch.Generator().manual_seed(9)
+    alpha = torch.randn(300, 70, generator=gen) * 3
+    group = torch.tensor(-0.4)
+    _, e = gates.gated_diff_and_l0(torch.zeros(300, 70), torch.zeros(300, 70), alpha, group, 1, L, R)
+    assert torch.allclose(e, gates.expected_nonzeros(alpha, group, L, R), rtol=1e-6)
+
+
+def test_gated_diff_and_l0_gradcheck(monkeypatch):
+    monkeypatch.setattr(gates, "_CPU_BLOCK", 5)
+    torch.manual_seed(0)
+    seed = 11
+    while True:
+        alpha = (torch.randn(4, 3, dtype=torch.float64) * 1.5).requires_grad_()
+        if _well_inside(alpha.detach(), seed):
+            break
+    theta = torch.randn(4, 3, dtype=torch.float64)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(w, alpha):
+        out, e = gates.gated_diff_and_l0(theta, w, alpha, None, seed, L, R)
+        return out, e
+
+    assert torch.autograd.gradcheck(f, (w, alpha), eps=1e-6, atol=1e-7)

@@ -1,0 +1,178 @@
+"""The optimised training path (issue 6) against a plain reference, and the cost benchmark's plumbing.
+
+The reference recomputes one training step of `DiffModel` with ordinary autograd ops: the same
+gate noise (`gates._uniform` with the step's seeds), delta = z * z_g * w materialised per tensor,
+the wrapped model called on theta + delta, and the L0 penalty from `gates.expected_nonzeros`.
+"""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from diffprune import DiffModel, DiffPruningConfig, gates
+from diffprune.model import _tensor_seed
+
+from .conftest import tiny_bert, tiny_gpt2
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _randomise(dm, seed=0):
+    """Nonzero w and spread-out gate logits, so every gate regime (0, in between, 1) occurs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for slot in dm.slots.values():
+            slot.w.copy_(torch.randn(slot.w.shape, generator=g) * 0.05)
+            if slot.alpha is not None:
+                slot.alpha.copy_(torch.randn(slot.alpha.shape, generator=g) * 2 + 0.5)
+            if slot.alpha_group is not None:
+                slot.alpha_group.fill_(0.8)
+
+
+def _plain_step(dm, batch, step_seed):
+    """Loss of one training step computed the plain way; gates drawn as DiffModel draws them."""
+    c = dm.config
+    l, r = c.stretch_l, c.stretch_r
+    torch.manual_seed(step_seed)
+    base_seed = int(torch.randint(0, 2**62, (1,)).item())
+    params, penalty = {}, torch.zeros(())
+    theta = dict(dm.model.named_parameters())
+    for i, name in enumerate(dm.diff_names):
+        slot, seed = dm._slot(name), _tensor_seed(base_seed, i)
+        u = gates._uniform(slot.alpha.shape, seed, slot.alpha.device, slot.alpha.dtype)
+        d = (torch.sigmoid(torch.logit(u) + slot.alpha) * (r - l) + l).clamp(0, 1) * slot.w
+        if slot.alpha_group is not None:
+            ug = gates._uniform((), seed + 1_000_003, slot.alpha.device, slot.alpha.dtype)
+            d = d * (torch.sigmoid(torch.logit(ug) + slot.alpha_group) * (r - l) + l).clamp(0, 1)
+        params[name] = theta[name] + d
+        penalty = penalty + gates.expected_nonzeros(slot.alpha, slot.alpha_group, l, r)
+    out = functional_call(dm.model, params, (), batch, tie_weights=True, strict=False)
+    return out.loss + c.l0_lambda * penalty
+
+
+def _grads(dm):
+    return {n: p.grad.detach().clone() for n, p in dm.named_parameters() if p.grad is not None}
+
+
+def _assert_close_grads(got, ref):
+    assert got.keys() == ref.keys()
+    for n in ref:
+        scale = float(ref[n].abs().max()) or 1.0
+        err = float((got[n] - ref[n]).abs().max())
+        assert err <= 1e-5 * scale + 1e-7, (n, err, scale)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("factory", [tiny_bert, tiny_gpt2], ids=["bert", "gpt2-tied"])
+def test_l0_step_gradients_match_plain_reference(structured, factory, monkeypatch):
+    """Every gradient of the optimised L0 step (fused gates + L0 term, blocked, noise regenerated in
+    backward) equals plain autograd through theta + z * z_g * w plus lambda * E[L0]."""
+    monkeypatch.setattr(gates, "_CPU_BLOCK", 97)  # several blocks per tensor, ragged ends
+    model = factory()
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (4, 10), generator=g)
+    batch = {"input_ids": ids, "labels": torch.randint(0, 3, (4,), generator=g) if factory is tiny_bert else ids}
+    dm = DiffModel(model, DiffPruningConfig(structured=structured, l0_lambda=1e-3)).train()
+    _randomise(dm)
+
+    torch.manual_seed(123)
+    loss = dm(**batch).loss
+    loss.backward()
+    got = _grads(dm)
+    dm.zero_grad(set_to_none=True)
+
+    ref_loss = _plain_step(dm, batch, 123)
+    ref_loss.backward()
+    ref = _grads(dm)
+    assert math.isclose(float(loss.detach()), float(ref_loss.detach()), rel_tol=1e-6)
+    _assert_close_grads(got, ref)
+    # the L0 term reaches alpha everywhere, and the gate part reaches it too
+    slot = dm._slot(dm.diff_names[0])
+    assert bool((got[f"slots.{dm.diff_names[0].replace('.', '-')}.alpha"] != 0).all())
+    assert slot.w.grad is not None
+
+
+def test_fixed_stage_gradients_match_plain_reference():
+    torch.manual_seed(0)
+    dm = DiffModel(tiny_bert(), DiffPruningConfig(structured=True))
+    _randomise(dm)
+    dm.project(0.05).train()
+    g = torch.Generator().manual_seed(2)
+    batch = {"input_ids": torch.randint(0, 120, (4, 10), generator=g), "labels": torch.randint(0, 3, (4,), generator=g)}
+    dm(**batch).loss.backward()
+    got = _grads(dm)
+    dm.zero_grad(set_to_none=True)
+    # plain: dense delta tensors (leaves), gradient read at the kept positions
+    deltas = {n: d.requires_grad_() for n, d in dm.delta().items()}
+    theta = dict(dm.model.named_parameters())
+    out = functional_call(dm.model, {n: theta[n] + deltas[n] for n in dm.diff_names}, (), batch,
+                          tie_weights=True, strict=False)
+    out.loss.backward()
+    ref = {n: p.grad.detach().clone() for n, p in dm.named_parameters() if p.grad is not None}
+    for n in dm.diff_names:
+        if dm._slot(n).positions.numel():
+            ref[f"slots.{n.replace('.', '-')}.values"] = deltas[n].grad.reshape(-1)[dm._slot(n).positions]
+    _assert_close_grads(got, ref)
+
+
+def test_param_groups_use_fused_adamw_with_the_same_updates():
+    def run(fused):
+        torch.manual_seed(0)
+        dm = DiffModel(tiny_bert(), DiffPruningConfig(structured=True)).train()
+        groups = dm.param_groups(lr=1e-2, fused=fused)
+        assert all(grp.get("fused") is (True if fused is None else None) for grp in groups)
+        opt = torch.optim.AdamW(groups)
+        g = torch.Generator().manual_seed(1)
+        batch = {"input_ids": torch.randint(0, 120, (8, 10), generator=g), "labels": torch.randint(0, 3, (8,), generator=g)}
+        for step in range(3):
+            torch.manual_seed(step)
+            dm(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return dm.trainable_state_dict()
+
+    fused, plain = run(None), run(False)
+    for k in plain:
+        assert torch.allclose(fused[k], plain[k], rtol=1e-5, atol=1e-6), k
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("train_cost", REPO / "benchmarks" / "train_cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("config", ["full", "l0", "l0_structured", "fixed"])
+def test_benchmark_configurations_train(config):
+    bench = _bench_module()
+    model = bench.build_model("tiny")
+    batch = bench.make_batch(model, 2, 16, torch.device("cpu"))
+    module, opt, params = bench.setup(config, model, "fused")
+    before = [p.detach().clone() for p in params]
+    for _ in range(2):
+        module(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert any(not torch.equal(a, b) for a, b in zip(before, params))
+    if config == "fixed":
+        assert module.stage == "fixed" and module.nnz() == round(0.005 * module.n_diffed)
+
+
+@pytest.mark.slow
+def test_benchmark_cli_quick_prints_ratios_last():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "train_cost.py"), "--model", "tiny", "--quick", "--rounds", "1"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("step_time_ratio_l0", "step_time_ratio_fixmask", "peak_memory_ratio_l0", "peak_memory_ratio_fixmask"):
+        assert result[key] > 0
