@@ -19,8 +19,10 @@ merge and serving. For diff runs the diff's own metadata is authoritative, so a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 from ._io import atomic_write_text
@@ -146,12 +148,28 @@ def read_task_info(run_dir: str | Path) -> dict:
     return info
 
 
+@contextlib.contextmanager
+def hf_quiet():
+    """No transformers progress bars, info logs or deprecation warnings (the CLI prints its own progress)."""
+    from transformers.utils import logging as hf_logging
+
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_base(base_model: str, num_labels: int, labels=(), task_type: str = "classification", seed: int | None = None):
     """(AutoModelForSequenceClassification, tokenizer, names of newly initialised parameters) in fp32."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     kwargs = {"num_labels": num_labels}
     if labels:
         kwargs["id2label"] = {i: str(n) for i, n in enumerate(labels)}
@@ -159,10 +177,7 @@ def load_base(base_model: str, num_labels: int, labels=(), task_type: str = "cla
     kwargs["problem_type"] = "regression" if task_type == "regression" else "single_label_classification"
     if seed is not None:
         torch.manual_seed(seed)
-    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # "newly initialized: classifier.*" is expected: it is the task head
-    hf_logging.disable_progress_bar()
-    try:
+    with hf_quiet():  # "newly initialized: classifier.*" is expected: it is the task head
         try:
             model, loading = AutoModelForSequenceClassification.from_pretrained(
                 base_model, dtype=torch.float32, output_loading_info=True, **kwargs
@@ -174,10 +189,6 @@ def load_base(base_model: str, num_labels: int, labels=(), task_type: str = "cla
                 f"cannot load model {base_model!r} ({first}); pass --model with a local model folder or a "
                 "Hugging Face id that is downloaded (offline: HF_HUB_OFFLINE=1 uses the cache only)"
             ) from e
-    finally:
-        hf_logging.set_verbosity(previous)
-        if bars:
-            hf_logging.enable_progress_bar()
     missing = sorted(loading.get("missing_keys") or [])
     return model.float().eval(), tokenizer, missing
 
@@ -205,15 +216,17 @@ def load_run(run_dir: str | Path):
         import torch
 
         path = run_dir / MODEL_DIR
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with hf_quiet():
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path)
     else:
         try:
             from peft import PeftModel
         except ImportError as e:
             raise RunError("this is a LoRA run: loading it needs peft (pip install peft)") from e
         base, tokenizer, _ = load_base(info["base_model"], num_labels, info["labels"], info["task_type"])
-        model = PeftModel.from_pretrained(base, run_dir / ADAPTER_DIR)
+        with hf_quiet():
+            model = PeftModel.from_pretrained(base, run_dir / ADAPTER_DIR)
     return model.eval(), tokenizer, info
 
 

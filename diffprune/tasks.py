@@ -399,14 +399,12 @@ def encode_labels(raw, lines, spec: TaskSpec, path) -> list:
         if i is None and spec.glue and _INT_RE.match(name) and 0 <= int(name) < len(spec.labels):
             i = int(name)
         if i is None:
-            allowed = (
-                f"class ids 0-{len(spec.labels) - 1} or names {', '.join(spec.labels)}"
-                if spec.glue else ", ".join(map(repr, spec.labels))
-            )
-            raise DataError(
-                f"{_where(path, n, column)}: label {name!r} is not a label of task {spec.name} "
-                f"(expected {allowed}); fix or remove that row"
-            )
+            if spec.glue:
+                what = f"is not a label of task {spec.name} (expected class ids 0-{len(spec.labels) - 1} or names " \
+                       f"{', '.join(spec.labels)})"
+            else:
+                what = f"is not a label of the training data ({', '.join(map(repr, spec.labels))})"
+            raise DataError(f"{_where(path, n, column)}: label {name!r} {what}; fix or remove that row")
         out.append(i)
     return out
 

@@ -439,6 +439,14 @@ def build_model(method: str, base, missing: list[str], cfg: TrainConfig):
     return get_peft_model(base, lcfg)
 
 
+def _freeze_empty_slots(model) -> None:
+    """Tensors that kept no position after projection have nothing to train: out of the optimiser and
+    of data-parallel gradient reduction (which fails on parameters that never receive a gradient)."""
+    for slot in model.slots.values():
+        if slot.values.numel() == 0:
+            slot.values.requires_grad_(False)
+
+
 def _phases(cfg: TrainConfig) -> list[Phase]:
     lr = cfg.resolved_lr()
     if cfg.method in runs.DIFF_METHODS:
@@ -522,7 +530,8 @@ def train(cfg: TrainConfig) -> dict:
     ckpt_state = _read_checkpoint(ckpt, settings, world) if ckpt is not None else None
     set_seed(cfg.seed)
     base, tokenizer, missing = runs.load_base(base_model, spec.num_labels, spec.labels, spec.task_type, seed=cfg.seed)
-    model = build_model(cfg.method, base, missing, cfg)
+    with runs.hf_quiet():
+        model = build_model(cfg.method, base, missing, cfg)
     model.to(acc.device)
     pad = pad_id(tokenizer)
     train_enc = encode_dataset(tokenizer, data.train, spec.text_columns, cfg.max_seq_length)
@@ -590,6 +599,8 @@ def train(cfg: TrainConfig) -> dict:
             changed_since_eval, last_metrics = False, pos.after_projection["metrics"]
         if phase.epochs == 0:
             continue
+        if phase.name == "fixed":
+            _freeze_empty_slots(model)
         optimizer = _optimizer(model, cfg.method, phase, cfg)
         if ckpt is not None and pi == pos.phase and (pos.epoch or pos.step):
             opt_tensors, opt_meta = _load_safetensors(ckpt / "optimizer.safetensors")
@@ -710,12 +721,14 @@ def _finish(cfg, out: Path, model, tokenizer, spec, task_info, data, pos: Positi
                          "head_parameters": head, "base_fingerprint": model.base_fingerprint,
                          "bytes_per_nonzero": sparse.bytes_per_nonzero(), "after_projection": pos.after_projection}
     elif method == "full":
-        model.save_pretrained(out / runs.MODEL_DIR)
-        tokenizer.save_pretrained(out / runs.MODEL_DIR)
+        with runs.hf_quiet():
+            model.save_pretrained(out / runs.MODEL_DIR)
+            tokenizer.save_pretrained(out / runs.MODEL_DIR)
         total_params = sum(p.numel() for p in model.parameters())
         nnz = trainable = task_params = total_params
     else:
-        model.save_pretrained(out / runs.ADAPTER_DIR)
+        with runs.hf_quiet():
+            model.save_pretrained(out / runs.ADAPTER_DIR)
         trainable = task_params = nnz = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n)
     stored = runs.stored_bytes(out, method)

@@ -73,7 +73,7 @@ def evaluate_run(args) -> dict:
     info = read_task_info(args.run_dir)
     spec = spec_from_info(info, args.label_column, args.text_columns)
     ds, source = _validation_data(args, info, spec)
-    if args.max_samples and args.file:
+    if args.max_samples:
         ds = ds.select(range(min(args.max_samples, len(ds))))
     model, tokenizer, info = load_run(args.run_dir)
     enc = encode_dataset(tokenizer, ds, spec.text_columns, int(info["max_seq_length"]))

@@ -26,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..runs import MODEL_DIR, RunError, load_run, run_method
+    from ..runs import MODEL_DIR, RunError, hf_quiet, load_run, run_method
 
     out = Path(args.output_dir)
     kind = run_method(Path(args.run_dir))
@@ -38,10 +38,11 @@ def run(args) -> int:
     if out.resolve() == Path(args.run_dir).resolve():
         raise RunError("--output-dir must differ from RUN_DIR")
     model, tokenizer, info = load_run(args.run_dir)
-    merged = model.merge_and_unload()
-    merged.config.problem_type = "regression" if info["task_type"] == "regression" else "single_label_classification"
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with hf_quiet():
+        merged = model.merge_and_unload()
+        merged.config.problem_type = "regression" if info["task_type"] == "regression" else "single_label_classification"
+        out.mkdir(parents=True, exist_ok=True)
+        merged.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     print(f"merged {info.get('method')} run {args.run_dir} ({info.get('task')}) into {out}")
     return 0

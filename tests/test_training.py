@@ -1,0 +1,149 @@
+"""`diffprune.training.train` on a tiny random BERT (MiniLM tokenizer) and real RTE / STS-B subsets:
+every method, the metrics contract, the output directory rules, checkpoints and data sharding."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from diffprune import SparseDiff
+from diffprune.errors import ConfigError
+from diffprune.runs import TASK_INFO_KEYS, load_run
+from diffprune.training import TrainConfig, TrainError, _local_indices, train
+
+from .helpers_cli import glue, one_thread, tiny_base  # noqa: F401
+
+FAST = dict(max_train_samples=48, max_eval_samples=24, epochs=1, fixmask_epochs=1, batch_size=16, max_seq_length=32,
+            progress=False, save_steps=0)
+
+
+def _cfg(tmp_path, base, glue_dir, name, **kw):
+    args = dict(FAST, output_dir=str(tmp_path / name), task="rte", data_dir=str(glue_dir), model=str(base))
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+@pytest.mark.parametrize("method", ["diff", "structured", "magnitude"])
+def test_diff_methods_reach_the_exact_sparsity(method, tmp_path, tiny_base, glue):
+    cfg = _cfg(tmp_path, tiny_base, glue, method, method=method, target_sparsity=0.02)
+    m = train(cfg)
+    out = tmp_path / method
+    diff = SparseDiff.load(out)
+    assert m["nnz"] == diff.nnz == round(0.02 * diff.n_diffed)
+    assert m["stored_bytes"] == os.path.getsize(out / "diff.safetensors")
+    for key in ("task", "method", "seed", "final", "score", "epochs", "nnz", "trainable_parameters", "stored_bytes",
+                "train_seconds", "base_model"):
+        assert key in m
+    assert m["method"] == method and m["task"] == "rte" and m["base_model"] == str(tiny_base.resolve())
+    assert [(e["phase"], e["epoch"]) for e in m["epochs"]] == [("l0", 1), ("fixed", 1)]
+    assert m["final"] == m["epochs"][-1]["metrics"] and m["score"] == pytest.approx(100 * m["final"]["accuracy"])
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(m))
+    # the keys the serving code relies on
+    assert set(TASK_INFO_KEYS) <= set(diff.extra)
+    assert diff.extra["labels"] == ["entailment", "not_entailment"] and diff.extra["task_type"] == "classification"
+    assert diff.extra["text_columns"] == ["sentence1", "sentence2"] and diff.extra["method"] == method
+    assert diff.config.structured == (method == "structured") and diff.config.use_gates == (method != "magnitude")
+    # the freshly initialised classifier is the head, so a fresh load of the base has the same fingerprint
+    assert set(diff.head) == {"classifier.weight", "classifier.bias"}
+    model, _, info = load_run(out)
+    assert info["task"] == "rte" and model.nnz() == m["nnz"]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["event"] == "start" and log[-1]["event"] == "end"
+    assert any(r.get("event") == "project" and r["nnz"] == m["nnz"] for r in log)
+    assert any("loss" in r and "examples_per_s" in r for r in log)
+    assert not (out / "checkpoint").exists()
+    card = (out / "README.md").read_text()
+    assert diff.base_fingerprint in card and f"{m['nnz']:,}" in card
+
+
+def test_full_and_lora(tmp_path, tiny_base, glue):
+    full = train(_cfg(tmp_path, tiny_base, glue, "full", method="full"))
+    assert (tmp_path / "full" / "model" / "config.json").exists()
+    assert full["nnz"] == full["trainable_parameters"] == full["total_parameters"]
+    assert full["stored_bytes"] == os.path.getsize(tmp_path / "full" / "model" / "model.safetensors")
+    assert [e["phase"] for e in full["epochs"]] == ["train"]
+    pytest.importorskip("peft")
+    lora = train(_cfg(tmp_path, tiny_base, glue, "lora", method="lora"))
+    adapter = tmp_path / "lora" / "adapter"
+    assert lora["stored_bytes"] == os.path.getsize(adapter / "adapter_model.safetensors")
+    # r=8 on query and value of 2 layers (hidden 32) + the classifier (32*2 + 2)
+    assert lora["nnz"] == lora["trainable_parameters"] == 2 * 2 * (8 * 32 + 32 * 8) + 66
+    model, _, info = load_run(tmp_path / "lora")
+    assert info["method"] == "lora" and type(model).__name__.startswith("Peft")
+
+
+def test_regression_task(tmp_path, tiny_base, glue):
+    m = train(_cfg(tmp_path, tiny_base, glue, "stsb", task="stsb", fixmask_epochs=0))
+    assert set(m["final"]) == {"pearson", "spearmanr"} and m["task_type"] == "regression"
+    # no fixed-mask epochs: the final metrics are those right after projection
+    assert m["final"] == m["after_projection"]["metrics"]
+    diff = SparseDiff.load(tmp_path / "stsb")
+    assert diff.extra["labels"] == [] and diff.head["classifier.weight"].shape == (1, 32)
+
+
+def test_output_dir_rules(tmp_path, tiny_base, glue):
+    cfg = _cfg(tmp_path, tiny_base, glue, "run", epochs=1, fixmask_epochs=0)
+    train(cfg)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(TrainError, match="already exists; pass --overwrite"):
+        train(cfg)
+    with pytest.raises(TrainError, match="finished run"):
+        train(_cfg(tmp_path, tiny_base, glue, "run", epochs=1, fixmask_epochs=0, resume=True))
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()} == before
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(TrainError, match="not a diffprune run directory"):
+        train(_cfg(tmp_path, tiny_base, glue, "mine", overwrite=True))
+    assert (other / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ConfigError, match="--method"):
+        train(_cfg(tmp_path, tiny_base, glue, "x", method="adapters"))
+    with pytest.raises(ConfigError, match="target_sparsity"):
+        train(_cfg(tmp_path, tiny_base, glue, "x", target_sparsity=0.0))
+    assert not (tmp_path / "x").exists()
+
+
+def test_checkpoint_and_resume_in_process(tmp_path, tiny_base, glue, monkeypatch):
+    """A run stopped right after a mid-epoch checkpoint resumes to the same diff as an uninterrupted run."""
+    import diffprune.training as training
+
+    kw = dict(epochs=2, fixmask_epochs=1, save_steps=2, target_sparsity=0.02, max_train_samples=64)
+    ref = train(_cfg(tmp_path, tiny_base, glue, "ref", **kw))
+
+    real = training._write_checkpoint
+    calls = []
+
+    def stop_after_second(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(args[4].global_step)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_write_checkpoint", stop_after_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path, tiny_base, glue, "res", **kw))
+    monkeypatch.setattr(training, "_write_checkpoint", real)
+    state = json.loads((tmp_path / "res" / "checkpoint" / "latest.json").read_text())
+    assert state["dir"] == f"step-{calls[-1]:09d}" and calls == [2, 4]
+    with pytest.raises(TrainError, match="written with seed=0, now seed=1"):
+        train(_cfg(tmp_path, tiny_base, glue, "res", seed=1, resume=True, **kw))
+    res = train(_cfg(tmp_path, tiny_base, glue, "res", resume=True, **kw))
+    assert res["nnz"] == ref["nnz"] and res["steps"] == ref["steps"] and res["final"] == ref["final"]
+    a, b = SparseDiff.load(tmp_path / "ref"), SparseDiff.load(tmp_path / "res")
+    for name in a.indices:
+        assert torch.equal(a.indices[name], b.indices[name])
+        torch.testing.assert_close(a.values[name], b.values[name])
+    log = [json.loads(x) for x in (tmp_path / "res" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in log if r.get("event") == "resume"] == [4]
+
+
+def test_local_indices_partition_every_global_batch():
+    perm = list(range(37))
+    for world in (1, 2, 3):
+        for step in range(-(-37 // (8 * world))):
+            parts = [_local_indices(perm, step, 8, r, world) for r in range(world)]
+            assert len({len(p) for p in parts}) == 1  # equal shares, so averaged gradients are exact
+            flat = sorted(i for p in parts for i in p)
+            expected = perm[step * 8 * world : (step + 1) * 8 * world]
+            assert set(expected) <= set(flat) and len(flat) - len(expected) < world
