@@ -161,3 +161,11 @@ def test_config_json_roundtrip_and_unknown_keys():
         DiffPruningConfig.from_dict({"bogus": 1})
     with pytest.raises(ConfigError, match="list of patterns"):
         DiffPruningConfig(head_parameters="classifier")
+
+
+def test_saved_files_get_the_umask_permissions_not_mkstemp_0600(saved):
+    from diffprune import _io
+
+    path, _, _ = saved
+    for name in (DIFF_FILE, "diff_config.json"):
+        assert (path / name).stat().st_mode & 0o777 == 0o666 & ~_io._UMASK
