@@ -24,11 +24,11 @@ def atomic_path(path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    # mkstemp creates 0600; a diff must be readable like any file the user writes (e.g. by a server
-    # running as another user), so give it the permissions the umask allows.
-    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield Path(tmp)
+        # mkstemp creates 0600 (and writers such as safetensors may recreate the file); a diff must be
+        # readable like any file the user writes (e.g. by a server running as another user).
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
