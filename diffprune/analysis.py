@@ -2,7 +2,7 @@
 
 Nothing here knows an architecture: the layer of a parameter is the first all-digit component of its
 dotted name (``bert.encoder.layer.3.attention.self.query.weight`` -> 3, ``transformer.h.0.mlp.c_fc.bias``
--> 0; none for embeddings, pooler, final norms), and its kind comes from name patterns, with "other"
+-> 0; "no layer" for embeddings, pooler, final norms), and its kind comes from name patterns, with "other"
 for anything they do not recognise.
 """
 
@@ -26,7 +26,7 @@ KIND_PATTERNS: tuple[tuple[str, str], ...] = (
 )
 KIND_ORDER = ("embeddings", "attn_query", "attn_key", "attn_value", "attn_qkv", "attn_output", "ffn", "layernorm",
               "bias", "other")
-NO_LAYER = "none"
+NO_LAYER = "no layer"  # embeddings, pooler, final norms: outside the numbered layers
 
 
 def layer_of(name: str) -> int | None:
@@ -140,8 +140,7 @@ def plot_heatmap(report: dict, path: str | Path, title: str | None = None) -> Pa
     fig_w = 1.2 + 1.1 * len(g["kinds"])
     fig_h = 1.5 + 0.45 * len(g["layers"])
     fig, ax = plt.subplots(figsize=(max(fig_w, 5), max(fig_h, 3)))
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#dddddd")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")  # grey: no such parameters
     im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, aspect="auto",
                    vmin=0.0, vmax=max(float(np.nanmax(data)) if np.isfinite(data).any() else 1.0, 1e-9))
     ax.set_xticks(range(len(g["kinds"])), g["kinds"], rotation=35, ha="right")

@@ -68,7 +68,7 @@ def test_inspect_table_and_plot(rte_run, tmp_path):
     _, stdout, _ = cli("inspect", out, "--json")
     report = json.loads(stdout)
     assert sum(r["nnz"] for r in report["layers"]) == sum(r["nnz"] for r in report["kinds"]) == summary["nnz"]
-    assert [r["name"] for r in report["layers"]] == ["none", "0", "1"]
+    assert [r["name"] for r in report["layers"]] == ["no layer", "0", "1"]
     assert report["storage"]["stored_bytes"] == summary["stored_bytes"]
 
 
