@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from diffprune import SparseDiff
-from diffprune.training import TrainConfig, train
+from diffprune.training import STEP_SLEEP_ENV, TrainConfig, train
 
 from .helpers_cli import ENV, REPO, glue, one_thread, tiny_base  # noqa: F401
 
@@ -36,7 +36,8 @@ def test_resume_after_kill9_ends_with_the_same_diff(tmp_path, tiny_base, glue):
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "diffprune", "train", "--data-dir", glue, "--model", tiny_base, "--output-dir", run_dir,
            "--save-steps", "3", "--no-progress", *_flags(RUN)]
-    proc = subprocess.Popen([str(c) for c in cmd], env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
+    slow = {**ENV, STEP_SLEEP_ENV: "0.05"}  # so that the kill lands mid-run however fast the machine is
+    proc = subprocess.Popen([str(c) for c in cmd], env=slow, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     pointer = run_dir / "checkpoint" / "latest.json"
     deadline = time.time() + 240
