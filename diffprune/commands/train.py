@@ -14,6 +14,8 @@ parameters) on top of the frozen model, and write it with the metrics and a mode
   diffprune train --train-file train.csv --validation-file dev.csv --text-columns review \\
                   --label-column stars --output-dir runs/reviews
   torchrun --nproc_per_node 2 -m diffprune train --task rte ...          (data-parallel)
+  accelerate launch --multi_gpu --num_processes 2 -m diffprune train ...  (the same; on CPU too:
+                          "--cpu --num_processes 2" would start only one process)
 
 Methods: diff (default), structured (per-tensor group gates), magnitude (non-adaptive baseline),
 full (plain finetuning) and lora (PEFT LoRA r=8 on query/value), for comparison.
