@@ -21,10 +21,15 @@ batch are loaded) over the resident size at that point; CUDA, ``torch.cuda.max_m
 minus what was allocated after loading. So it counts everything training adds to a loaded model:
 gradients, optimiser state, diff state, activations, temporaries.
 
-    python benchmarks/train_cost.py --quick                  # < 1 min on a 2-core CPU
+    python benchmarks/train_cost.py --quick                  # < 1 min on a 2-core CPU (full, l0, fixed)
     python benchmarks/train_cost.py --model minilm --batch 32 --seq-len 128 --write
     python benchmarks/train_cost.py --model bert-base --batch 32 --seq-len 128 --write
     python benchmarks/train_cost.py --profile l0 --model minilm   # torch.profiler op table
+
+``--write`` records a measurement (or, with ``--profile``, a profile) in
+``benchmarks/results/train_cost.json`` under its model and batch size (runs of other models or
+batch sizes and profiles already there are kept) and regenerates ``benchmarks/results/train_cost.md`` from it; a hand-written
+section between ``<!-- notes -->`` and ``<!-- /notes -->`` in the existing Markdown file is kept.
 
 The last line printed is one JSON object with, at least, ``step_time_ratio_l0``,
 ``step_time_ratio_fixmask``, ``peak_memory_ratio_l0`` and ``peak_memory_ratio_fixmask``.
@@ -201,9 +206,31 @@ def worker_main(args) -> None:
                 peak = torch.cuda.max_memory_allocated() - base
             else:
                 peak = _status_kib("VmHWM") * 1024 - base
-            proto.write(json.dumps({"peak_bytes": peak, "hwm_reset": True if cuda else reset_ok}) + "\n")
+            proto.write(json.dumps({"peak_bytes": peak, "hwm_reset": True if cuda else reset_ok,
+                                    "breakdown": _breakdown(module, model, opt, params)}) + "\n")
         elif cmd == "quit":
             break
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _breakdown(module, model, opt, params) -> dict:
+    """Bytes of the persistent training state that setup and the steps add to the loaded model.
+
+    ``diff_state``: diffprune's slots (w and alpha, or kept values and their int64 positions);
+    ``gradients``: one gradient per trainable tensor (alive from backward until zero_grad);
+    ``optimizer_state``: AdamW's exp_avg / exp_avg_sq (and step counters). The rest of the peak is
+    activations and temporaries (forward / backward / clipping / optimiser step).
+    """
+    import torch
+
+    diff = 0
+    if module is not model:
+        diff = _nbytes(list(module.slots.parameters()) + list(module.slots.buffers()))
+    state = _nbytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    return {"diff_state": diff, "gradients": _nbytes(params), "optimizer_state": state}
 
 
 PROFILE_KEYS = ("GatedDiff", "GatedDiffBackward", "_SumProbNonzero", "_SumProbNonzeroBackward",
@@ -246,9 +273,20 @@ def profile_main(args) -> None:
     for ev in avgs:
         if ev.key.startswith("## ") or ev.key in PROFILE_KEYS or ev.key.startswith("Optimizer.step"):
             per[ev.key.replace("## ", "")] = round(ev.cpu_time_total / 1e3 / args.profile_steps, 1)
+    total = sum(ev.self_cpu_time_total for ev in avgs)
+    ops_only = [ev for ev in avgs if not ev.key.startswith("## ")]  # the phase markers are not ops
+    top = sorted(ops_only, key=lambda ev: getattr(ev, key), reverse=True)[: args.profile_rows]
+    ops = [{"op": ev.key, "self_ms_per_step": round(getattr(ev, key) / 1e3 / args.profile_steps, 1),
+            "self_pct": round(100 * ev.self_cpu_time_total / total, 1) if total else None,
+            "calls_per_step": ev.count // args.profile_steps,
+            "self_mem_mib_per_step": round(ev.self_cpu_memory_usage / 2**20 / args.profile_steps, 1)}
+           for ev in top]
     print(json.dumps({"profile": args.profile, "ms_per_step": per}))
     if args.profile_trace:
         prof.export_chrome_trace(args.profile_trace)
+    return {"profile": args.profile, "model": args.model, "batch": args.batch, "seq_len": args.seq_len,
+            "device": args.device, "threads": args.threads, "adamw": args.adamw,
+            "profile_steps": args.profile_steps, "ms_per_step": per, "top_ops": ops}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,8 +367,10 @@ def measure(args) -> dict:
             "cpu_time_ref_s": statistics.median(cpu_ref),
             "cpu_time_ratio": statistics.median(cpu_ratios),
             "cpu_time_ratio_rounds": [round(x, 4) for x in cpu_ratios],
-            "peak_bytes": w.ask("peak")["peak_bytes"],
         }
+        pk = w.ask("peak")
+        results[cfg]["peak_bytes"] = pk["peak_bytes"]
+        results[cfg]["breakdown"] = pk["breakdown"]
         ref_times += ref_round
         ref_cpu += cpu_ref
         w.close()
@@ -343,6 +383,7 @@ def measure(args) -> dict:
     results["full"]["step_time_s"] = statistics.median(ref_times) if ref_times else None
     results["full"]["cpu_time_s"] = statistics.median(ref_cpu) if ref_cpu else None
     results["full"]["peak_bytes"] = peak["peak_bytes"]
+    results["full"]["breakdown"] = peak["breakdown"]
     for cfg in configs:
         results[cfg]["peak_memory_ratio"] = results[cfg]["peak_bytes"] / results["full"]["peak_bytes"]
     log(f"  full           {results['full']['step_time_s']:.3f} s/step, peak {peak['peak_bytes'] / 2**20:.0f} MiB")
@@ -368,7 +409,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: co-runners hit all alike)")
     p.add_argument("--adamw", default="fused", choices=["default", "foreach", "fused"],
                    help="AdamW implementation, the same for every configuration")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    p.add_argument("--configs", nargs="+", default=None, choices=CONFIGS,
+                   help="default: all four; with --quick: full, l0 and fixed (the four ratios it prints)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=2, help="steps per configuration per round")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds per diffprune configuration")
@@ -378,6 +420,9 @@ def main(argv=None) -> None:
     p.add_argument("--json-only", action="store_true")
     p.add_argument("--verbose", action="store_true", help="show the workers' stderr")
     p.add_argument("--out", default=None, help="also write the JSON summary here")
+    p.add_argument("--write", action="store_true",
+                   help="record the run (or profile) in benchmarks/results/train_cost.{json,md}")
+    p.add_argument("--note", default=None, help="with --write: a remark stored with this run (e.g. the machine's load)")
     p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     p.add_argument("--profile", choices=CONFIGS, help="print a torch.profiler table for one configuration")
     p.add_argument("--profile-steps", type=int, default=2)
@@ -388,20 +433,163 @@ def main(argv=None) -> None:
         args.batch, args.seq_len = min(args.batch, 8), min(args.seq_len, 64)
         args.warmup, args.steps, args.rounds = 1, 1, 3
         args.parallel_start = True
+        if args.configs is None:  # one worker fewer to start: the structured L0 stage is left to full runs
+            args.configs = ["full", "l0", "fixed"]
+    if args.configs is None:
+        args.configs = list(CONFIGS)
     if args.worker:
         return worker_main(args)
-    if args.profile:
-        return profile_main(args)
-    summary = measure(args)
     try:
         import _env  # benchmarks/_env.py: machine, versions, command, date
     except ImportError:
         _env = None
+    facts = {}
     if _env is not None:
-        summary.update({"machine": _env.machine(), "versions": _env.versions(), "command": _env.command(), "date": _env.now()})
+        facts = {"machine": _env.machine(), "versions": _env.versions(), "command": _env.command(), "date": _env.now()}
+    if args.note:
+        facts["note"] = args.note
+    if args.profile:
+        prof = profile_main(args)
+        prof.update(facts)
+        if args.write:
+            write_results(profile=prof)
+        return
+    summary = measure(args)
+    summary.update(facts)
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    if args.write:
+        write_results(summary=summary)
     print(json.dumps(summary))
+
+
+# ------------------------------------------------------------------------------------------------
+# results files
+# ------------------------------------------------------------------------------------------------
+RESULTS = HERE / "results"
+TARGETS = (  # (configuration, metric, bound): diffprune against full finetuning, same run
+    ("l0", "step_time_ratio", 1.2), ("l0", "peak_memory_ratio", 1.5),
+    ("fixed", "step_time_ratio", 1.1), ("fixed", "peak_memory_ratio", 1.1),
+)
+NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
+
+
+def write_results(summary: dict | None = None, profile: dict | None = None, results_dir: Path | None = None) -> None:
+    """Merge a run or a profile into train_cost.json (keyed by model) and regenerate train_cost.md."""
+    rd = Path(results_dir) if results_dir is not None else RESULTS
+    rd.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = rd / "train_cost.json", rd / "train_cost.md"
+    data = json.loads(jpath.read_text()) if jpath.exists() else {}
+    data.setdefault("runs", {})
+    data.setdefault("profiles", {})
+    if summary is not None:
+        data["runs"][f"{summary['model']} batch {summary['batch']}"] = summary
+    if profile is not None:
+        data["profiles"].setdefault(profile["model"], {})[profile["profile"]] = profile
+    jpath.write_text(json.dumps(data, indent=2) + "\n")
+    notes = ""
+    if mpath.exists():
+        old = mpath.read_text()
+        if NOTES_BEGIN in old and NOTES_END in old:
+            notes = old[old.index(NOTES_BEGIN) + len(NOTES_BEGIN): old.index(NOTES_END)].strip("\n")
+    mpath.write_text(render_md(data, notes))
+    print(f"wrote {jpath} and {mpath}", file=sys.stderr)
+
+
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / 2**20:,.0f}"
+
+
+def render_md(data: dict, notes: str = "") -> str:
+    L = ["# Training cost: diff pruning vs full finetuning", "",
+         "Step time and peak memory per training stage, measured by `benchmarks/train_cost.py`. "
+         "A step is forward, backward, gradient clipping (1.0), AdamW step and `zero_grad`; every "
+         "configuration uses the same AdamW implementation. Each configuration runs in its own fresh "
+         "subprocess; the full-finetuning reference stays alive and is measured in interleaved rounds "
+         "with each diffprune configuration (A B A B ..., alternating which goes first), and a ratio is "
+         "the median of the per-round ratios, so load that changes slowly hits both sides alike. "
+         "Peak memory on CPU: growth of the peak resident set size (`VmHWM`, reset after the model and "
+         "batch are loaded) over the resident size before setup, i.e. everything training adds to a "
+         "loaded model.", ""]
+    for r in data["runs"].values():
+        c = r["configs"]
+        L += [f"## {r['model']}: batch {r['batch']}, sequence length {r['seq_len']}, {r['device']}, "
+              f"{r['threads']} thread(s) per worker", ""]
+        L += [f"- Command: `{r.get('command', '?')}`", f"- Date: {r.get('date', '?')}; took {r['seconds']:.0f} s"]
+        m = r.get("machine", {})
+        if m:
+            L.append(f"- Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('platform')}, Python {m.get('python')}"
+                     + (f", GPU {m['gpu']}" if m.get("gpu") else ""))
+        if r.get("versions"):
+            L.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
+        L.append(f"- AdamW: `{r['adamw']}`; {r['rounds']} rounds x {r['steps_per_round']} steps per configuration "
+                 f"and side after warm-up")
+        if r.get("note"):
+            L.append(f"- Note: {r['note']}")
+        L += ["", "| configuration | trainable | step time (ms, median) | full in the same rounds (ms) | "
+              "step time ratio | CPU-time ratio | per-round step time ratios | peak memory (MiB) | "
+              "peak memory ratio |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+        for cfg in CONFIGS:
+            if cfg not in c:
+                continue
+            x = c[cfg]
+            if cfg == "full":
+                L.append(f"| {TITLES[cfg]} | {x['trainable']:,} | {x['step_time_s'] * 1e3:,.0f} | - | 1 | 1 | - | "
+                         f"{_mib(x['peak_bytes'])} | 1 |")
+            else:
+                L.append(f"| {TITLES[cfg]} | {x['trainable']:,} | {x['step_time_s'] * 1e3:,.0f} | "
+                         f"{x['step_time_ref_s'] * 1e3:,.0f} | **{x['step_time_ratio']:.2f}** | {x['cpu_time_ratio']:.2f} | "
+                         f"{', '.join(f'{v:.2f}' for v in x['step_time_ratio_rounds'])} | {_mib(x['peak_bytes'])} | "
+                         f"**{x['peak_memory_ratio']:.2f}** |")
+        if any("breakdown" in x for x in c.values()):
+            L += ["", "Peak memory split (MiB): persistent state counted from the tensors, the rest of the "
+                  "measured peak is activations and temporaries.", "",
+                  "| configuration | diff state | gradients | AdamW state | activations + temporaries | peak |",
+                  "|---|---:|---:|---:|---:|---:|"]
+            for cfg in CONFIGS:
+                if cfg in c and "breakdown" in c[cfg]:
+                    b = c[cfg]["breakdown"]
+                    rest = c[cfg]["peak_bytes"] - b["diff_state"] - b["gradients"] - b["optimizer_state"]
+                    L.append(f"| {TITLES[cfg]} | {_mib(b['diff_state'])} | {_mib(b['gradients'])} | "
+                             f"{_mib(b['optimizer_state'])} | {_mib(rest)} | {_mib(c[cfg]['peak_bytes'])} |")
+        L.append("")
+    if data["runs"]:
+        L += ["## Targets", "", "Ratios to full finetuning measured in the same run.", "",
+              "| target | " + " | ".join(f"{m}: reached | met?" for m in data["runs"]) + " |",
+              "|---|" + "---:|---|" * len(data["runs"])]
+        for cfg, metric, bound in TARGETS:
+            row = f"| {TITLES[cfg]}: {metric.replace('_', ' ')} <= {bound} |"
+            for r in data["runs"].values():
+                v = r["configs"].get(cfg, {}).get(metric)
+                row += " - | - |" if v is None else f" {v:.2f} | {'yes' if v <= bound else '**no**'} |"
+            L.append(row)
+        L.append("")
+    if data["profiles"]:
+        L += ["## Profiles (torch.profiler, CPU time per step)", ""]
+        for model, profs in data["profiles"].items():
+            cfgs = [c for c in CONFIGS if c in profs]
+            any_p = profs[cfgs[0]]
+            L += [f"### {model}: batch {any_p['batch']}, sequence length {any_p['seq_len']}, "
+                  f"{any_p['threads']} thread(s), {any_p['profile_steps']} profiled steps", ""]
+            L += ["Commands: " + "; ".join(f"`{profs[c].get('command', '?')}`" for c in cfgs)
+                  + f" ({any_p.get('date', '?')})", ""]
+            phases = ["forward", "backward", "clip", "optimizer"]
+            L += ["| phase (ms / step) | " + " | ".join(TITLES[c] for c in cfgs) + " |",
+                  "|---|" + "---:|" * len(cfgs)]
+            keys = phases + sorted({k for c in cfgs for k in profs[c]["ms_per_step"]} - set(phases))
+            for k in keys:
+                L.append(f"| {k} | " + " | ".join(str(profs[c]["ms_per_step"].get(k, "-")) for c in cfgs) + " |")
+            L.append("")
+            for c in cfgs:
+                L += [f"Top operators by self CPU time, {TITLES[c]}:", "",
+                      "| op | self ms / step | % of self time | calls / step | net self alloc MiB / step |",
+                      "|---|---:|---:|---:|---:|"]
+                for op in profs[c]["top_ops"][:10]:
+                    L.append(f"| `{op['op']}` | {op['self_ms_per_step']} | {op['self_pct']} | {op['calls_per_step']} | "
+                             f"{op['self_mem_mib_per_step']} |")
+                L.append("")
+    L += [NOTES_BEGIN, notes, NOTES_END, ""]
+    return "\n".join(L)
 
 
 def _cuda_available() -> bool:
