@@ -224,13 +224,16 @@ def load_base_model(base_model: str | os.PathLike, dtype: torch.dtype = torch.fl
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    previous = hf_logging.get_verbosity()
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: every task brings its head
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the server's output
     try:
         model = AutoModelForSequenceClassification.from_pretrained(str(base_model), dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(base_model))
     finally:
         hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.eval(), tokenizer
 
 
