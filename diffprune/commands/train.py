@@ -60,7 +60,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=_float_or_none, default=None,
                    help=f"learning rate of the first stage (diff methods: of w; default by method: {lrs})")
     g.add_argument("--alpha-lr", type=float, default=d.alpha_lr, help="learning rate of the gate logits (default 0.1)")
-    g.add_argument("--fixmask-lr", type=float, default=d.fixmask_lr, help="fixed-mask stage learning rate (default 5e-5)")
+    g.add_argument("--fixmask-lr", type=float, default=d.fixmask_lr, help="fixed-mask stage learning rate (default 5e-4; the paper: 5e-5)")
     g.add_argument("--head-lr", type=float, default=None, help="task head learning rate in the first stage (default: --lr)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per process per step (default 8)")
     g.add_argument("--max-seq-length", type=int, default=d.max_seq_length, help="tokens per example (default 128)")
