@@ -222,21 +222,15 @@ def check_task_name(name: str) -> str:
 def load_base_model(base_model: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """The base checkpoint as ``AutoModelForSequenceClassification`` (eval mode) and its tokenizer."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: every task brings its head
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the server's output
-    from ..runs import model_location
+    from ..runs import hf_quiet, model_location
 
     location = model_location(str(base_model))
-    try:
+    # quiet: "newly initialized classifier" is expected (every task brings its head), and no
+    # "Loading weights" bar in the server's output
+    with hf_quiet():
         model = AutoModelForSequenceClassification.from_pretrained(location, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(location)
-    finally:
-        hf_logging.set_verbosity(previous)
-        if bars:
-            hf_logging.enable_progress_bar()
     return model.eval(), tokenizer
 
 
