@@ -635,21 +635,23 @@ def train(cfg: TrainConfig) -> dict:
                 n_ex = len(idx) * world
                 pos.examples += n_ex
                 seen += n_ex
-                loss_sum += float(loss.detach())
+                # a device tensor, read only when logging: a float() here would sync the GPU every step
+                loss_sum = loss_sum + loss.detach()
                 loss_n += 1
                 pos.train_seconds += time.time() - t0
                 changed_since_eval = True
                 if pos.global_step % cfg.log_steps == 0 or step + 1 == steps_per_epoch:
                     rate = seen / max(time.time() - t_log, 1e-9)
                     density = _density(model)
+                    mean_loss = float(loss_sum) / loss_n
                     rec = {"step": pos.global_step, "phase": phase.name, "epoch": round(epoch + (step + 1) / steps_per_epoch, 4),
-                           "loss": loss_sum / loss_n, "lr": optimizer.param_groups[0]["lr"], "examples_per_s": round(rate, 2)}
+                           "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "examples_per_s": round(rate, 2)}
                     if density is not None:
                         rec["density"] = density
                     if main:
                         _log(log_path, rec)
                     shown = {"density": f"{density:.3%}"} if density is not None else {}
-                    bar.set_postfix({"loss": f"{loss_sum / loss_n:.4f}", **shown,
+                    bar.set_postfix({"loss": f"{mean_loss:.4f}", **shown,
                                      "ex/s": f"{rate:.1f}"}, refresh=False)
                     loss_sum, loss_n, seen, t_log = 0.0, 0, 0, time.time()
                 bar.update(1)
