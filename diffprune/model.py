@@ -338,7 +338,9 @@ class DiffModel(nn.Module):
                 f"target_sparsity={t} keeps round({t} * {self.n_diffed}) = 0 entries: raise target_sparsity"
             )
         deltas = self.delta()
-        positions = global_topk_positions({n: d.abs() for n, d in deltas.items()}, k)
+        positions = global_topk_positions(
+            {n: d.abs() for n, d in deltas.items()}, k, tiebreak=self._expected_magnitudes
+        )
         new_slots = nn.ModuleDict()
         for name in self.diff_names:
             pos = positions[name]
@@ -346,6 +348,21 @@ class DiffModel(nn.Module):
         self.slots = new_slots
         self.config.target_sparsity = t
         return self
+
+    @torch.no_grad()
+    def _expected_magnitudes(self) -> dict[str, torch.Tensor] | None:
+        """|w| * P(gate open) per entry: how projection fills the budget when the L0 stage left
+        fewer nonzero entries than it keeps (its deterministic gates are then exactly 0 there)."""
+        if not self.config.use_gates:
+            return None
+        c, out = self.config, {}
+        for name in self.diff_names:
+            slot = self._slot(name)
+            score = slot.w.abs() * gates.prob_nonzero(slot.alpha, c.stretch_l, c.stretch_r)
+            if slot.alpha_group is not None:
+                score = score * gates.prob_nonzero(slot.alpha_group, c.stretch_l, c.stretch_r)
+            out[name] = score
+        return out
 
     # ---- export -------------------------------------------------------------------------------
     def to_sparse_diff(self, extra: dict | None = None) -> SparseDiff:

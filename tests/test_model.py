@@ -101,6 +101,31 @@ def test_project_keeps_the_largest_entries_and_breaks_ties_by_position():
     assert sum(dm._slot(n).positions.numel() for n in dm.diff_names) == k
 
 
+@pytest.mark.parametrize("structured", [False, True])
+def test_project_fills_an_underfull_budget_by_expected_magnitude(structured):
+    """Gates that closed below the budget leave zeros; the rest of the budget goes to the entries
+    with the largest |w| * P(gate open), not to the first entries of the first tensor."""
+    dm = DiffModel(tiny_sequential(), DiffPruningConfig(structured=structured, head_parameters=[]))
+    names = dm.diff_names
+    last = "3.weight"  # a later tensor, so a fill by position would pick other ones
+    with torch.no_grad():
+        for name in names:
+            slot = dm._slot(name)
+            slot.w.fill_(0.1)
+            slot.alpha.fill_(-10.0)  # deterministic gate exactly 0 everywhere
+        slot = dm._slot(last)
+        slot.alpha.view(-1)[0] = 10.0  # the one entry that survived the L0 stage
+        slot.w.view(-1)[0] = 0.01
+        slot.w.view(-1)[[2, 5]] = 3.0  # closed, but the largest expected magnitudes
+        slot.alpha.view(-1)[3] = -5.0  # closed, but more likely open than the rest
+    assert sum(int((d != 0).sum()) for d in dm.delta().values()) == 1
+    dm.project(4 / dm.n_diffed)
+    assert dm._slot(last).positions.tolist() == [0, 2, 3, 5]
+    assert all(dm._slot(n).positions.numel() == 0 for n in names if n != last)
+    # the filled entries start from 0: the diff keeps its value, the mask gets room to train
+    assert dm._slot(last).values.tolist()[1:] == [0.0, 0.0, 0.0]
+
+
 def test_project_rejects_bad_targets(bert_batch):
     dm = DiffModel(tiny_bert())
     for bad in (0.0, -0.1, 1.5, float("nan")):
