@@ -190,6 +190,31 @@ def _kb(n: float) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
+def _matched_seed_table(by: dict, tasks: list[str]) -> list[str]:
+    """Where some cells have more seeds than others, the means above compare different samples;
+    this table compares every method on the seeds that all of its cells share with full finetuning."""
+    seed_sets = [{r["seed"] for r in rs} for rs in by.values()]
+    if len({frozenset(s) for s in seed_sets}) <= 1:
+        return []
+    common = sorted(set.intersection(*seed_sets))
+    if not common:
+        return []
+    scores = {k: statistics.mean(r["score"] for r in rs if r["seed"] in common) for k, rs in by.items()}
+    full_avg = (statistics.mean(scores[("full", t)] for t in tasks)
+                if all(("full", t) in scores for t in tasks) else None)
+    seeds = ", ".join(map(str, common))
+    lines = ["", f"### Matched seeds: only seed(s) {seeds}, which every cell has", "",
+             "| method | " + " | ".join(tasks) + " | avg | avg − full |", "|---|" + "---|" * (len(tasks) + 2)]
+    for method in METHODS:
+        if not all((method, t) in scores for t in tasks):
+            continue
+        avg = statistics.mean(scores[(method, t)] for t in tasks)
+        delta = f"{avg - full_avg:+.1f}" if full_avg is not None else "—"
+        lines.append(f"| {METHOD_TITLES[method]} | " + " | ".join(f"{scores[(method, t)]:.1f}" for t in tasks)
+                     + f" | {avg:.1f} | {delta} |")
+    return lines
+
+
 def write_report(records: list[dict], out_dir: Path, tasks, notes: str = "") -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "glue_accuracy.json", json.dumps(records, indent=2) + "\n")
@@ -230,6 +255,7 @@ def write_report(records: list[dict], out_dir: Path, tasks, notes: str = "") -> 
         else:
             mult = "—"
         lines.append(f"| {METHOD_TITLES[method]} | " + " | ".join(cells) + f" | {avg} | {_kb(size)} | {mult} |")
+    lines += _matched_seed_table(by, tasks)
     lines += ["", "## Runs", "", "| task | method | seed | score | metrics | nnz | trainable | bytes | train s | train samples |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["task"], METHODS.index(r["method"]), r["seed"])):
