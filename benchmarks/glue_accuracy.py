@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
 import _env  # noqa: E402
 
+from diffprune import SparseDiff  # noqa: E402
 from diffprune._io import atomic_write_text  # noqa: E402
+from diffprune.analysis import analyze  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("rte", "mrpc", "stsb", "cola", "sst2")
@@ -160,8 +162,23 @@ def collect(work_dir: Path) -> list[dict]:
         record = json.loads(path.read_text())
         if "stages" not in record:
             record["stages"] = stages(json.loads((path.parent / "metrics.json").read_text()))
+        if "kept" not in record and (path.parent / "diff.safetensors").exists():
+            record["kept"] = kept_shares(path.parent)
         records.append(record)
     return records
+
+
+def kept_shares(run_dir: Path) -> dict:
+    """Where a 0.5% diff puts its entries: share per parameter kind and per layer, and the tensor
+    holding the most (the structured diffs here can sit almost entirely in one matrix)."""
+    report = analyze(SparseDiff.load(run_dir))
+    nnz = max(report["nnz"], 1)
+    top = max(report["tensors"], key=lambda t: t["nnz"])
+    return {
+        "by_kind": {row["name"]: round(row["nnz"] / nnz, 4) for row in report["kinds"]},
+        "by_layer": {row["name"]: round(row["nnz"] / nnz, 4) for row in report["layers"]},
+        "largest_tensor": {"name": top["name"], "share": round(top["nnz"] / nnz, 4)},
+    }
 
 
 def stages(metrics: dict) -> dict:
@@ -186,13 +203,22 @@ def _fmt(scores: list[float]) -> str:
     return f"{statistics.mean(scores):.1f} ± {statistics.stdev(scores):.1f}"
 
 
+def _largest(record: dict) -> str:
+    kept = record.get("kept")
+    if not kept:
+        return "—"
+    kind, share = max(kept["by_kind"].items(), key=lambda kv: kv[1])
+    top = kept["largest_tensor"]
+    return f"{kind} {share:.0%}; `{top['name']}` {top['share']:.0%}"
+
+
 def _kb(n: float) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def _matched_seed_table(by: dict, tasks: list[str]) -> list[str]:
     """Where some cells have more seeds than others, the means above compare different samples;
-    this table compares every method on the seeds that all of its cells share with full finetuning."""
+    this table compares every method on the seeds that every cell of the grid has."""
     seed_sets = [{r["seed"] for r in rs} for rs in by.values()]
     if len({frozenset(s) for s in seed_sets}) <= 1:
         return []
@@ -269,13 +295,14 @@ def write_report(records: list[dict], out_dir: Path, tasks, notes: str = "") -> 
                   "Validation score at the end of the first stage (diff/structured: L0 stage, density = expected "
                   "fraction of nonzero gates; magnitude: full finetuning), right after projection to 0.5%, and after "
                   "the fixed-mask stage.", "",
-                  "| task | method | seed | first stage | density then | after projection | final |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| task | method | seed | first stage | density then | after projection | final | "
+                  "largest share of the kept entries |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in sorted(staged, key=lambda r: (r["task"], METHODS.index(r["method"]), r["seed"])):
             st = r["stages"]
             dens = f"{100 * st['first_stage_density']:.1f}%" if "first_stage_density" in st else "—"
             lines.append(f"| {r['task']} | {r['method']} | {r['seed']} | {st.get('first_stage', float('nan')):.2f} | "
-                         f"{dens} | {st['after_projection']:.2f} | {st['final']:.2f} |")
+                         f"{dens} | {st['after_projection']:.2f} | {st['final']:.2f} | {_largest(r)} |")
     settings = {}
     for r in records:
         settings.setdefault(r["method"], r["settings"])
