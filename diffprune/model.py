@@ -180,14 +180,18 @@ class DiffModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # ---- the diff ---------------------------------------------------------------------------
-    def _delta_l0_eval(self, name: str) -> torch.Tensor:
+    def _gated_w(self, name: str, gate) -> torch.Tensor:
+        """gate(alpha) * w, times gate(alpha_group) when structured; w itself without gates."""
         slot, c = self._slot(name), self.config
         if slot.alpha is None:
             return slot.w
-        delta = gates.deterministic_gate(slot.alpha, c.stretch_l, c.stretch_r) * slot.w
+        out = gate(slot.alpha, c.stretch_l, c.stretch_r) * slot.w
         if slot.alpha_group is not None:
-            delta = delta * gates.deterministic_gate(slot.alpha_group, c.stretch_l, c.stretch_r)
-        return delta
+            out = out * gate(slot.alpha_group, c.stretch_l, c.stretch_r)
+        return out
+
+    def _delta_l0_eval(self, name: str) -> torch.Tensor:
+        return self._gated_w(name, gates.deterministic_gate)
 
     def _effective_parameters(self, with_l0: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """theta + delta per diffed name, and (with_l0, L0 stage with gates) E[||delta||_0].
@@ -355,14 +359,7 @@ class DiffModel(nn.Module):
         fewer nonzero entries than it keeps (its deterministic gates are then exactly 0 there)."""
         if not self.config.use_gates:
             return None
-        c, out = self.config, {}
-        for name in self.diff_names:
-            slot = self._slot(name)
-            score = slot.w.abs() * gates.prob_nonzero(slot.alpha, c.stretch_l, c.stretch_r)
-            if slot.alpha_group is not None:
-                score = score * gates.prob_nonzero(slot.alpha_group, c.stretch_l, c.stretch_r)
-            out[name] = score
-        return out
+        return {name: self._gated_w(name, gates.prob_nonzero).abs() for name in self.diff_names}
 
     # ---- export -------------------------------------------------------------------------------
     def to_sparse_diff(self, extra: dict | None = None) -> SparseDiff:
