@@ -32,6 +32,16 @@ class DiffPruningConfig:
     """Weight of the expected-L0 penalty added to the task loss."""
     structured: bool = False
     """Add one group gate per parameter tensor (structured diff pruning)."""
+    group_penalty: str = "expected_l0"
+    """How structured training penalises a group gate z_g (no effect unless `structured`).
+
+    "expected_l0" (METHOD.md, the paper's equation): lambda * sum_i P(z_i) P(z_g), the expected L0
+    of the diff. The group logit's penalty gradient scales with the tensor's size, so with Adam at
+    the paper's alpha lr the gates of large matrices close within a few hundred steps, before w
+    has moved (benchmarks/results/glue_accuracy.md, "Why structured diff pruning fails").
+    "per_gate" (the paper's public reference code): lambda * (sum_i P(z_i) + P(z_g)), every gate
+    counted once, so a group gate closes only when the task loss pushes it.
+    """
     use_gates: bool = True
     """False trains a dense diff with no gates or penalty (the non-adaptive magnitude baseline)."""
     stretch_l: float = -1.5
@@ -53,6 +63,13 @@ class DiffPruningConfig:
             raise ConfigError(
                 f"target_sparsity={t!r} is outside (0, 1]: it is the fraction of diffed entries kept, "
                 "e.g. 0.005 for 0.5%"
+            )
+        from .gates import GROUP_PENALTIES
+
+        if self.group_penalty not in GROUP_PENALTIES:
+            raise ConfigError(
+                f"group_penalty={self.group_penalty!r} is not one of {', '.join(GROUP_PENALTIES)} "
+                "(expected_l0: the paper's expected L0; per_gate: each gate counted once, as its reference code)"
             )
         if not (self.l0_lambda >= 0.0):
             raise ConfigError(f"l0_lambda={self.l0_lambda!r} must be >= 0")

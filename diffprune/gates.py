@@ -208,15 +208,33 @@ def gated_diff(theta, w, alpha, alpha_group, seed: int, l: float, r: float) -> t
     return GatedDiff.apply(theta, w, alpha, alpha_group, seed, l, r, False)[0]
 
 
-def gated_diff_and_l0(theta, w, alpha, alpha_group, seed: int, l: float, r: float):
-    """(theta + z * z_g * w,  E[||delta||_0] of the tensor), both differentiable, in one pass.
+GROUP_PENALTIES = ("expected_l0", "per_gate")
 
-    The second value equals `expected_nonzeros(alpha, alpha_group, l, r)` up to float rounding.
+
+def _with_group_term(total: torch.Tensor, alpha_group, l: float, r: float, group_penalty: str) -> torch.Tensor:
+    """Add the group gate to a tensor's penalised count (see `DiffPruningConfig.group_penalty`).
+
+    "expected_l0": sum_i P(z_i) * P(z_g), the expected number of nonzeros of the diff.
+    "per_gate":    sum_i P(z_i) + P(z_g), every gate counted once.
+    """
+    if alpha_group is None:
+        return total
+    p_group = torch.sigmoid(alpha_group - log_ratio(l, r))
+    if group_penalty == "expected_l0":
+        return total * p_group
+    if group_penalty == "per_gate":
+        return total + p_group
+    raise ValueError(f"group_penalty {group_penalty!r} is not one of {GROUP_PENALTIES}")
+
+
+def gated_diff_and_l0(theta, w, alpha, alpha_group, seed: int, l: float, r: float, group_penalty: str = "expected_l0"):
+    """(theta + z * z_g * w,  the tensor's penalised gate count), both differentiable, in one pass.
+
+    The second value equals `expected_nonzeros(alpha, alpha_group, l, r, group_penalty)` up to
+    float rounding.
     """
     out, total = GatedDiff.apply(theta, w, alpha, alpha_group, seed, l, r, True)
-    if alpha_group is not None:
-        total = total * torch.sigmoid(alpha_group - log_ratio(l, r))
-    return out, total
+    return out, _with_group_term(total, alpha_group, l, r, group_penalty)
 
 
 class _SumProbNonzero(torch.autograd.Function):
@@ -235,10 +253,10 @@ class _SumProbNonzero(torch.autograd.Function):
         return p.mul_(1 - p).mul_(grad), None
 
 
-def expected_nonzeros(alpha: torch.Tensor, alpha_group: torch.Tensor | None, l: float, r: float) -> torch.Tensor:
-    """E[||delta||_0] for one tensor: sum_i P(z_i != 0), times P(z_g != 0) when structured."""
-    c = log_ratio(l, r)
-    total = _SumProbNonzero.apply(alpha, c)
-    if alpha_group is not None:
-        total = total * torch.sigmoid(alpha_group - c)
-    return total
+def expected_nonzeros(
+    alpha: torch.Tensor, alpha_group: torch.Tensor | None, l: float, r: float, group_penalty: str = "expected_l0"
+) -> torch.Tensor:
+    """The penalised gate count of one tensor: sum_i P(z_i != 0), and when structured the group
+    term of `group_penalty`. With the default, "expected_l0", this is E[||delta||_0] of the tensor.
+    """
+    return _with_group_term(_SumProbNonzero.apply(alpha, log_ratio(l, r)), alpha_group, l, r, group_penalty)

@@ -194,7 +194,8 @@ class DiffModel(nn.Module):
         return self._gated_w(name, gates.deterministic_gate)
 
     def _effective_parameters(self, with_l0: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """theta + delta per diffed name, and (with_l0, L0 stage with gates) E[||delta||_0].
+        """theta + delta per diffed name, and (with_l0, L0 stage with gates) the penalised gate count
+        (E[||delta||_0] unless ``group_penalty="per_gate"``, see `l0_penalty`).
 
         In training the expected L0 comes out of the same fused pass as the sampled gates
         (`gates.gated_diff_and_l0`), so the penalty costs no separate full-size pass or tensor.
@@ -219,7 +220,7 @@ class DiffModel(nn.Module):
                 seed = _tensor_seed(base_seed, i)
                 if with_l0:
                     out[name], e = gates.gated_diff_and_l0(
-                        t, slot.w, slot.alpha, slot.alpha_group, seed, c.stretch_l, c.stretch_r
+                        t, slot.w, slot.alpha, slot.alpha_group, seed, c.stretch_l, c.stretch_r, c.group_penalty
                     )
                     total = e if total is None else total + e
                 else:
@@ -244,6 +245,9 @@ class DiffModel(nn.Module):
 
     def expected_l0(self) -> torch.Tensor:
         """E[||delta||_0], differentiable w.r.t. the gate logits (the count of entries in fixed stage)."""
+        return self._gate_count("expected_l0")
+
+    def _gate_count(self, group_penalty: str) -> torch.Tensor:
         device = next(iter(self._theta().values())).device
         if self.stage == "fixed":
             return torch.tensor(float(self.nnz()), device=device)
@@ -253,14 +257,15 @@ class DiffModel(nn.Module):
         total = torch.zeros((), device=device)
         for name in self.diff_names:
             slot = self._slot(name)
-            total = total + gates.expected_nonzeros(slot.alpha, slot.alpha_group, c.stretch_l, c.stretch_r)
+            total = total + gates.expected_nonzeros(slot.alpha, slot.alpha_group, c.stretch_l, c.stretch_r, group_penalty)
         return total
 
     def l0_penalty(self) -> torch.Tensor:
-        """l0_lambda * E[||delta||_0]: what training mode adds to the model's loss (0 without gates)."""
+        """What training mode adds to the model's loss (0 without gates): l0_lambda * E[||delta||_0],
+        or with ``group_penalty="per_gate"`` l0_lambda * (sum_i P(z_i) + sum_g P(z_g))."""
         if self.stage == "fixed" or not self.config.use_gates:
             return torch.zeros((), device=next(iter(self._theta().values())).device)
-        return self.config.l0_lambda * self.expected_l0()
+        return self.config.l0_lambda * self._gate_count(self.config.group_penalty)
 
     @torch.no_grad()
     def expected_density(self) -> float:
@@ -286,13 +291,13 @@ class DiffModel(nn.Module):
             )
         c = self.config
         penalised = self.training and self.stage == "l0" and c.use_gates and c.l0_lambda > 0
-        params, expected_l0 = self._effective_parameters(with_l0=penalised)
+        params, gate_count = self._effective_parameters(with_l0=penalised)
         outputs = functional_call(self.model, params, args, kwargs, tie_weights=True, strict=False)
         if penalised:
             loss = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
             if loss is not None:
                 # == loss + self.l0_penalty(), its value and gradient computed in the gates' pass
-                outputs["loss"] = loss + c.l0_lambda * expected_l0
+                outputs["loss"] = loss + c.l0_lambda * gate_count
         return outputs
 
     # ---- optimisation helpers ------------------------------------------------------------------

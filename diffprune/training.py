@@ -68,6 +68,8 @@ class TrainConfig:
     method: str = "diff"
     target_sparsity: float = 0.005
     l0_lambda: float = 1.25e-7
+    group_penalty: str = "expected_l0"
+    """structured: how a group gate is penalised (`DiffPruningConfig.group_penalty`)."""
     epochs: int = 3
     fixmask_epochs: int = 3
     lr: float | None = None
@@ -109,7 +111,7 @@ class TrainConfig:
             raise ConfigError(f"--method {self.method!r} is not one of {', '.join(runs.METHODS)}")
         if not str(self.output_dir or "").strip():
             raise ConfigError("--output-dir is required: the folder the run is written to")
-        DiffPruningConfig(target_sparsity=self.target_sparsity, l0_lambda=self.l0_lambda)
+        DiffPruningConfig(target_sparsity=self.target_sparsity, l0_lambda=self.l0_lambda, group_penalty=self.group_penalty)
         checks = [
             ("epochs", self.epochs, self.epochs >= 1, ">= 1"),
             ("fixmask_epochs", self.fixmask_epochs, self.fixmask_epochs >= 0, ">= 0"),
@@ -139,7 +141,7 @@ class TrainConfig:
 
 # Settings that must be the same to resume a run (the rest - progress, save_steps... - may change).
 _RESUME_KEYS = (
-    "task", "data_dir", "model", "method", "target_sparsity", "l0_lambda", "epochs", "fixmask_epochs", "lr",
+    "task", "data_dir", "model", "method", "target_sparsity", "l0_lambda", "group_penalty", "epochs", "fixmask_epochs", "lr",
     "alpha_lr", "fixmask_lr", "batch_size", "max_seq_length", "max_train_samples", "seed", "train_file",
     "validation_file", "text_columns", "label_column", "max_eval_samples", "head_lr", "max_grad_norm", "lora_r",
     "lora_alpha", "lora_dropout",
@@ -343,7 +345,9 @@ def _write_checkpoint(acc, run_dir: Path, model, optimizer, pos: Position, setti
 
 def _read_checkpoint(path: Path, settings: dict, world: int) -> dict:
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    saved = state.get("settings", {})
+    # a key a checkpoint lacks was added later; the run used that key's default
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    saved = {k: state.get("settings", {}).get(k, defaults.get(k)) for k in _RESUME_KEYS}
     diffs = [k for k in _RESUME_KEYS if saved.get(k) != settings.get(k)]
     if diffs:
         k = diffs[0]
@@ -421,6 +425,7 @@ def build_model(method: str, base, missing: list[str], cfg: TrainConfig):
         heads = list(DEFAULT_HEAD_PATTERNS) + [re.escape(n) for n in missing]
         config = DiffPruningConfig(
             target_sparsity=cfg.target_sparsity, l0_lambda=cfg.l0_lambda, structured=method == "structured",
+            group_penalty=cfg.group_penalty,
             use_gates=method != "magnitude", head_parameters=heads,
         )
         return DiffModel(base, config)

@@ -314,3 +314,39 @@ def test_custom_loop_helpers():
 
 def test_slot_key_has_no_dots():
     assert "." not in _slot_key("a.b.c")
+
+
+@pytest.mark.parametrize("group_penalty", ["expected_l0", "per_gate"])
+def test_group_penalty_value_and_gradient(group_penalty, bert_batch):
+    # w = 0, so the task loss does not depend on any gate: the loss's gradient on the gate logits
+    # is the penalty's alone, which pins down both the value and the gradient of each form.
+    lam = 1e-3
+    dm = DiffModel(tiny_bert(), DiffPruningConfig(structured=True, l0_lambda=lam, group_penalty=group_penalty))
+    with torch.no_grad():
+        for slot in dm.slots.values():
+            slot.alpha.uniform_(-2.0, 6.0)
+            slot.alpha_group.uniform_(-1.0, 4.0)
+    slots = list(dm.slots.values())
+    p_entries = [torch.sigmoid(s.alpha.detach()).sum() for s in slots]  # l = -r: P(z != 0) = sigmoid(alpha)
+    p_groups = [torch.sigmoid(s.alpha_group.detach()) for s in slots]
+    if group_penalty == "expected_l0":
+        count = sum(pe * pg for pe, pg in zip(p_entries, p_groups))
+        group_grads = [lam * pe * pg * (1 - pg) for pe, pg in zip(p_entries, p_groups)]
+    else:
+        count = sum(p_entries) + sum(p_groups)
+        group_grads = [lam * pg * (1 - pg) for pg in p_groups]  # independent of the tensor's size
+    assert float(dm.l0_penalty().detach()) == pytest.approx(lam * float(count), rel=1e-5)
+    # the reported E[||delta||_0] is the expectation whatever is penalised
+    assert float(dm.expected_l0().detach()) == pytest.approx(float(sum(pe * pg for pe, pg in zip(p_entries, p_groups))), rel=1e-5)
+    with torch.no_grad():
+        task_loss = float(dm.eval()(**bert_batch).loss)
+    loss = dm.train()(**bert_batch).loss
+    assert float(loss) == pytest.approx(task_loss + lam * float(count), rel=1e-5)
+    loss.backward()
+    for slot, expected in zip(slots, group_grads):
+        assert float(slot.alpha_group.grad) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_unknown_group_penalty_is_refused():
+    with pytest.raises(ConfigError, match="group_penalty='sum'.*expected_l0, per_gate"):
+        DiffPruningConfig(structured=True, group_penalty="sum")

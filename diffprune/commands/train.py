@@ -28,6 +28,7 @@ def _float_or_none(text: str):
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..runs import METHODS
+    from ..gates import GROUP_PENALTIES
     from ..tasks import GLUE_TASKS
     from ..training import DEFAULT_LR, TrainConfig
 
@@ -53,6 +54,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--target-sparsity", type=float, default=d.target_sparsity,
                    help="fraction of parameters the diff keeps (default 0.005 = 0.5%%)")
     g.add_argument("--l0-lambda", type=float, default=d.l0_lambda, help="L0 penalty weight (default 1.25e-7)")
+    g.add_argument("--group-penalty", choices=GROUP_PENALTIES, default=d.group_penalty,
+                   help="structured: expected_l0 (default; the paper's equation, lambda * sum P(z_i) P(z_g)) or "
+                        "per_gate (the paper's reference code, each gate counted once: group gates close only "
+                        "when the task pushes them)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the first stage (default 3)")
     g.add_argument("--fixmask-epochs", type=int, default=d.fixmask_epochs,
                    help="epochs of fixed-mask finetuning after projection (default 3; diff methods)")
@@ -81,7 +86,8 @@ def run(args) -> int:
 
     cfg = TrainConfig(
         output_dir=args.output_dir, task=args.task, data_dir=args.data_dir, model=args.model, method=args.method,
-        target_sparsity=args.target_sparsity, l0_lambda=args.l0_lambda, epochs=args.epochs,
+        target_sparsity=args.target_sparsity, l0_lambda=args.l0_lambda, group_penalty=args.group_penalty,
+        epochs=args.epochs,
         fixmask_epochs=args.fixmask_epochs, lr=args.lr, alpha_lr=args.alpha_lr, fixmask_lr=args.fixmask_lr,
         batch_size=args.batch_size, max_seq_length=args.max_seq_length, max_train_samples=args.max_train_samples,
         seed=args.seed, overwrite=args.overwrite, resume=args.resume, save_steps=args.save_steps,
