@@ -11,6 +11,9 @@ from pathlib import Path
 
 from .errors import ConfigError
 
+GROUP_PENALTIES = ("expected_l0", "per_gate")
+"""The forms of the structured penalty (`DiffPruningConfig.group_penalty`)."""
+
 # Task heads that transformers initialises fresh for a new task. They are trained densely
 # and stored whole, not diffed (METHOD.md: "The task-specific classifier head is new").
 DEFAULT_HEAD_PATTERNS = ("classifier", "pre_classifier", "score", "qa_outputs")
@@ -64,8 +67,6 @@ class DiffPruningConfig:
                 f"target_sparsity={t!r} is outside (0, 1]: it is the fraction of diffed entries kept, "
                 "e.g. 0.005 for 0.5%"
             )
-        from .gates import GROUP_PENALTIES
-
         if self.group_penalty not in GROUP_PENALTIES:
             raise ConfigError(
                 f"group_penalty={self.group_penalty!r} is not one of {', '.join(GROUP_PENALTIES)} "

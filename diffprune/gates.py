@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from .config import GROUP_PENALTIES
+
 _EPS = 1e-6
 
 
@@ -206,9 +208,6 @@ class GatedDiff(torch.autograd.Function):
 def gated_diff(theta, w, alpha, alpha_group, seed: int, l: float, r: float) -> torch.Tensor:
     """theta + z * z_g * w for the noise of `seed` (see `GatedDiff`)."""
     return GatedDiff.apply(theta, w, alpha, alpha_group, seed, l, r, False)[0]
-
-
-GROUP_PENALTIES = ("expected_l0", "per_gate")
 
 
 def _with_group_term(total: torch.Tensor, alpha_group, l: float, r: float, group_penalty: str) -> torch.Tensor:

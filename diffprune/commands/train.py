@@ -28,7 +28,7 @@ def _float_or_none(text: str):
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..runs import METHODS
-    from ..gates import GROUP_PENALTIES
+    from ..config import GROUP_PENALTIES
     from ..tasks import GLUE_TASKS
     from ..training import DEFAULT_LR, TrainConfig
 
@@ -87,8 +87,8 @@ def run(args) -> int:
     cfg = TrainConfig(
         output_dir=args.output_dir, task=args.task, data_dir=args.data_dir, model=args.model, method=args.method,
         target_sparsity=args.target_sparsity, l0_lambda=args.l0_lambda, group_penalty=args.group_penalty,
-        epochs=args.epochs,
-        fixmask_epochs=args.fixmask_epochs, lr=args.lr, alpha_lr=args.alpha_lr, fixmask_lr=args.fixmask_lr,
+        epochs=args.epochs, fixmask_epochs=args.fixmask_epochs, lr=args.lr, alpha_lr=args.alpha_lr,
+        fixmask_lr=args.fixmask_lr,
         batch_size=args.batch_size, max_seq_length=args.max_seq_length, max_train_samples=args.max_train_samples,
         seed=args.seed, overwrite=args.overwrite, resume=args.resume, save_steps=args.save_steps,
         progress=not args.no_progress, train_file=args.train_file, validation_file=args.validation_file,
