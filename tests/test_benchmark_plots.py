@@ -38,6 +38,12 @@ def test_plot_reads_density_and_scores_of_both_stages(tmp_path):
     assert "gates: density at L0 end 1.2500%; scores by epoch 1: 10.0, 2: 20.0, 3: 25.0" in res.stdout
     assert "full: no gates; scores by epoch 1: 30.0" in res.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(out.with_suffix(".json").read_text())
+    gates, full = data["runs"]
+    assert gates["l0_density"][-1] == {"step": 40, "epoch": 2.0, "density": 0.0125}
+    assert [p["score"] for p in gates["scores"]] == [10.0, 20.0, 25.0]
+    assert full["l0_density"] == [] and full["scores"] == [{"epoch": 1, "score": 30.0}]
+    assert "plot_l0_trajectory.py" in data["command"] and data["date"]
 
 
 def test_plot_refuses_a_run_without_validation_records(tmp_path):
