@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""Tabulate a hyperparameter search from several glue_accuracy.json files, one row per setting.
+
+    python benchmarks/glue_search_table.py --out benchmarks/results/glue_lr_search \
+        benchmarks/results/glue_accuracy.json benchmarks/results/glue_structured_study/*/glue_accuracy.json
+
+Runs are grouped by method and settings (read from each record, so no labels are typed by hand);
+a row names the settings that differ from glue_accuracy.py's defaults. For every method and every
+combination of the other settings, a "tuned" row takes, per task, the best validation score over
+the searched setting (`--axis`, default lr): the same selection for every method, so the search
+effort is equal and visible. Validation-selected scores are optimistic for every method alike
+(GLUE's labelled test sets are not public). Writes OUT.md and OUT.json with the command, machine
+and date; each row records where its runs ran (GPU or CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
+import _env  # noqa: E402
+from glue_accuracy import DEFAULTS, METHOD_TITLES, METHODS, TASKS  # noqa: E402
+
+from diffprune._io import atomic_write_text  # noqa: E402
+
+
+def _device(rec: dict) -> str:
+    return rec["machine"].get("gpu") or "CPU"
+
+
+def _fmt(value) -> str:
+    """Floats as people write learning rates: 1e-4, 5e-5, 1.25e-7, 0.1."""
+    if not isinstance(value, float):
+        return str(value)
+    if value == 0 or abs(value) >= 1e-3:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _defaults(method: str) -> dict:
+    """What glue_accuracy.py runs `method` with when nothing is --set: its table, then the library's."""
+    from diffprune.training import TrainConfig
+
+    lib = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    return {k: _fmt(v) for k, v in {**lib, **DEFAULTS["common"], **DEFAULTS.get(method, {})}.items()}
+
+
+def _config_key(rec: dict, keys: set) -> tuple:
+    # A setting a record does not carry (a run made before the option existed) takes its default,
+    # so runs that differ only in how they were recorded are one config.
+    defaults = _defaults(rec["method"])
+    settings = {k: _fmt(rec["settings"][k]) if k in rec["settings"] else defaults.get(k, "—") for k in keys}
+    return rec["method"], tuple(sorted(settings.items()))
+
+
+def _sort_key(value: str):
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
+
+
+def _label(method: str, settings: dict, always: tuple = ()) -> str:
+    defaults = _defaults(method)
+    changed = [f"{k}={v}" for k, v in sorted(settings.items()) if defaults.get(k) != v or k in always]
+    return METHOD_TITLES[method] + (f" ({', '.join(changed)})" if changed else "")
+
+
+def collect(paths: list[Path], seed: int) -> dict:
+    """config key -> {task: record} for one seed. When two inputs hold runs of the same config and
+    task (the same run copied, or a rerun of it elsewhere), the first input's is used and the
+    other is named on stderr, so a table never silently averages reruns."""
+    records = [(path, rec) for path in paths for rec in json.loads(path.read_text()) if rec["seed"] == seed]
+    keys: dict = defaultdict(set)
+    for _, rec in records:
+        keys[rec["method"]] |= set(rec["settings"])
+    configs: dict = defaultdict(dict)
+    source: dict = {}
+    for path, rec in records:
+        key = _config_key(rec, keys[rec["method"]])
+        task = rec["task"]
+        if task in configs[key]:
+            kept = configs[key][task]
+            if (kept["score"], kept.get("date")) != (rec["score"], rec.get("date")):
+                print(f"note: {path} has another {task} run of {_label(key[0], dict(key[1]))} "
+                      f"(score {rec['score']:.1f}); using {source[key, task]}'s ({kept['score']:.1f})", file=sys.stderr)
+            continue
+        configs[key][task], source[key, task] = rec, path
+    return configs
+
+
+def build(configs: dict, tasks: list[str], axis: str) -> list[dict]:
+    rows = []
+    for (method, items), by_task in sorted(configs.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1])):
+        settings = dict(items)
+        scores = {t: by_task[t]["score"] for t in tasks if t in by_task}
+        rows.append({
+            "kind": "setting", "method": method, "label": _label(method, settings, always=(axis,)), "settings": settings,
+            "scores": scores, "average": statistics.mean(scores.values()) if len(scores) == len(tasks) else None,
+            "devices": sorted({_device(by_task[t]) for t in scores}),
+        })
+    # A tuned row per method and per value of every other setting (the best score per task over
+    # `axis`), placed after the rows it chose from.
+    families: dict = defaultdict(list)
+    for row in rows:
+        rest = tuple(sorted((k, v) for k, v in row["settings"].items() if k != axis))
+        families[(row["method"], rest)].append(row)
+    out = []
+    for (method, rest), members in families.items():
+        out += members
+        if len(members) < 2:
+            continue
+        scores, chosen = {}, {}
+        for t in tasks:
+            have = [m for m in members if t in m["scores"]]
+            if have:
+                best = max(have, key=lambda m: m["scores"][t])
+                scores[t], chosen[t] = best["scores"][t], best["settings"].get(axis)
+        label = _label(method, {**dict(rest), axis: _defaults(method).get(axis)})
+        searched = sorted({m["settings"].get(axis) for m in members}, key=_sort_key)
+        out.append({
+            "kind": "tuned", "method": method, "label": f"{label}, best {axis} per task of {{{', '.join(searched)}}}",
+            "settings": dict(rest), "scores": scores, "chosen": chosen,
+            "average": statistics.mean(scores.values()) if len(scores) == len(tasks) else None,
+            "devices": sorted({d for m in members for d in m["devices"]}),
+        })
+    return out
+
+
+def render(rows: list[dict], tasks: list[str], axis: str, meta: dict) -> str:
+    lines = [
+        "# GLUE hyperparameter search (validation sets)", "",
+        f"Command: `{meta['command']}`  ", f"Date: {meta['date']}  ", f"Machine (this table): {meta['machine']['cpu']}", "",
+        f"Seed {meta['seed']}. Scores are the per-task GLUE score (0–100) on the validation sets; `avg` is "
+        "their mean when every task has a run. Rows marked *tuned* take, per task, the best score over "
+        f"the searched {axis} (shown under the score): the same selection for every method, optimistic for all alike.", "",
+        "| setting | " + " | ".join(tasks) + " | avg | ran on |",
+        "|---|" + "---|" * (len(tasks) + 2),
+    ]
+    for row in rows:
+        cells = []
+        for t in tasks:
+            if t not in row["scores"]:
+                cells.append("—")
+            elif row["kind"] == "tuned":
+                cells.append(f"{row['scores'][t]:.1f} ({row['chosen'][t]})")
+            else:
+                cells.append(f"{row['scores'][t]:.1f}")
+        avg = "—" if row["average"] is None else f"{row['average']:.1f}"
+        name = f"*tuned:* {row['label']}" if row["kind"] == "tuned" else row["label"]
+        if row["kind"] == "tuned":
+            avg = f"**{avg}**"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg} | {', '.join(row['devices'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("inputs", nargs="+", type=Path, help="glue_accuracy.json files")
+    p.add_argument("--out", required=True, type=Path, help="path without suffix; writes .md and .json")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--axis", default="lr", help="the searched setting a tuned row chooses per task")
+    args = p.parse_args(argv)
+
+    missing = [str(x) for x in args.inputs if not x.is_file()]
+    if missing:
+        raise SystemExit(f"no such results file: {', '.join(missing)} (run glue_accuracy.py first)")
+    configs = {k: v for k, v in collect(args.inputs, args.seed).items() if k[0] in args.methods}
+    if not configs:
+        raise SystemExit(f"no runs with seed {args.seed} for methods {args.methods} in the inputs")
+    rows = build(configs, args.tasks, args.axis)
+    meta = {"command": _env.command(), "machine": _env.machine(), "date": _env.now(), "seed": args.seed,
+            "inputs": [str(x) for x in args.inputs]}
+    text = render(rows, args.tasks, args.axis, meta)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out.with_suffix(".md"), text)
+    atomic_write_text(args.out.with_suffix(".json"), json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""benchmarks/glue_search_table.py groups runs by their recorded settings and tunes per task."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ["rte", "mrpc"]
+
+
+def _rec(task, method, score, seed=0, gpu=None, date="d", **settings):
+    machine = {"cpu": "x"} | ({"gpu": gpu} if gpu else {})
+    base = {"batch_size": 16, "max_seq_length": 128, "epochs": 3}
+    return {"task": task, "method": method, "seed": seed, "score": score, "machine": machine, "date": date,
+            "settings": base | settings}
+
+
+def _run(tmp_path, *files, extra=()):
+    paths = []
+    for i, records in enumerate(files):
+        paths.append(tmp_path / f"in{i}.json")
+        paths[-1].write_text(json.dumps(records))
+    out = tmp_path / "res" / "search"
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "glue_search_table.py"), "--out", str(out),
+                          *map(str, paths), "--tasks", *TASKS, *extra], capture_output=True, text=True)
+    return res, out
+
+
+def test_tuned_row_takes_the_best_lr_per_task_for_each_method(tmp_path):
+    grid = [_rec("rte", "full", 56.0, gpu="H100", lr=5e-5), _rec("mrpc", "full", 83.0, gpu="H100", lr=5e-5),
+            # an old structured run: no group_penalty recorded, so it is the default (expected_l0)
+            _rec("rte", "structured", 49.0, gpu="H100", lr=5e-4, alpha_lr=0.1, l0_lambda=1.25e-7,
+                 fixmask_epochs=3, fixmask_lr=5e-4),
+            _rec("rte", "full", 99.0, seed=1, lr=5e-5)]  # another seed: not in the seed-0 table
+    study = [_rec("rte", "full", 58.0, lr=1e-4), _rec("mrpc", "full", 81.0, lr=1e-4)]
+    per_gate = dict(alpha_lr=0.1, l0_lambda=1.25e-7, fixmask_epochs=3, fixmask_lr=5e-4, group_penalty="per_gate")
+    study += [_rec("rte", "structured", 53.0, lr=5e-4, **per_gate), _rec("mrpc", "structured", 76.0, lr=5e-4, **per_gate),
+              _rec("rte", "structured", 51.0, lr=1e-4, **per_gate), _rec("mrpc", "structured", 82.0, lr=1e-4, **per_gate)]
+    res, out = _run(tmp_path, grid, study)
+    assert res.returncode == 0, res.stderr
+    rows = {r["label"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    full_tuned = rows["full finetuning, best lr per task of {5e-5, 1e-4}"]
+    assert full_tuned["scores"] == {"rte": 58.0, "mrpc": 83.0} and full_tuned["chosen"] == {"rte": "1e-4", "mrpc": "5e-5"}
+    assert full_tuned["average"] == 70.5 and full_tuned["devices"] == ["CPU", "H100"]
+    st = rows["structured diff pruning 0.5% (group_penalty=per_gate), best lr per task of {1e-4, 5e-4}"]
+    assert st["scores"] == {"rte": 53.0, "mrpc": 82.0} and st["average"] == 67.5
+    # the expected_l0 run is its own config with one lr: a row without an average, no tuned row
+    old = rows["structured diff pruning 0.5% (lr=5e-4)"]
+    assert old["scores"] == {"rte": 49.0} and old["average"] is None and old["settings"]["group_penalty"] == "expected_l0"
+    assert rows["full finetuning (lr=5e-5)"]["scores"]["rte"] == 56.0  # seed 1's 99.0 left out
+    md = out.with_suffix(".md").read_text()
+    assert "| *tuned:* full finetuning, best lr per task of {5e-5, 1e-4} | 58.0 (1e-4) | 83.0 (5e-5) | **70.5** | CPU, H100 |" in md
+    assert "glue_search_table.py" in md
+
+
+def test_a_rerun_in_a_second_file_is_named_not_averaged(tmp_path):
+    first = [_rec("rte", "full", 56.0, lr=5e-5, date="a")]
+    second = [_rec("rte", "full", 60.0, lr=5e-5, date="b"), _rec("rte", "full", 56.0, lr=5e-5, date="a")]
+    res, out = _run(tmp_path, first, second)
+    assert res.returncode == 0, res.stderr
+    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert row["scores"] == {"rte": 56.0}
+    assert res.stderr.count("another rte run") == 1 and "(score 60.0)" in res.stderr
+
+
+def test_missing_input_is_refused(tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "glue_search_table.py"), "--out", str(tmp_path / "o"),
+                          str(tmp_path / "nope.json")], capture_output=True, text=True)
+    assert res.returncode != 0 and "no such results file" in res.stderr and not (tmp_path / "o.md").exists()
