@@ -55,7 +55,8 @@ DEFAULTS = {
     "full": {"lr": 5e-5},
     "lora": {"lr": 1e-3},
     "diff": {"lr": 5e-4, "alpha_lr": 0.1, "l0_lambda": 1.25e-7, "fixmask_epochs": 3, "fixmask_lr": 5e-4},
-    "structured": {"lr": 5e-4, "alpha_lr": 0.1, "l0_lambda": 1.25e-7, "fixmask_epochs": 3, "fixmask_lr": 5e-4},
+    "structured": {"lr": 1e-4, "alpha_lr": 0.1, "l0_lambda": 1.25e-7, "fixmask_epochs": 3, "fixmask_lr": 5e-4,
+                   "group_penalty": "per_gate"},
     "magnitude": {"lr": 5e-5, "fixmask_epochs": 3, "fixmask_lr": 5e-4},
 }
 

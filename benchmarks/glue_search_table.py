@@ -29,6 +29,7 @@ import _env  # noqa: E402
 from glue_accuracy import DEFAULTS, METHOD_TITLES, METHODS, TASKS  # noqa: E402
 
 from diffprune._io import atomic_write_text  # noqa: E402
+from diffprune.training import UNRECORDED_SETTINGS  # noqa: E402
 
 
 def _device(rec: dict) -> str:
@@ -54,9 +55,9 @@ def _defaults(method: str) -> dict:
 
 
 def _config_key(rec: dict, keys: set) -> tuple:
-    # A setting a record does not carry (a run made before the option existed) takes its default,
-    # so runs that differ only in how they were recorded are one config.
-    defaults = _defaults(rec["method"])
+    # A setting a record does not carry (a run made before the option existed) takes the value runs
+    # had then, so runs that differ only in how they were recorded are one config.
+    defaults = {**_defaults(rec["method"]), **{k: _fmt(v) for k, v in UNRECORDED_SETTINGS.items()}}
     settings = {k: _fmt(rec["settings"][k]) if k in rec["settings"] else defaults.get(k, "—") for k in keys}
     return rec["method"], tuple(sorted(settings.items()))
 

@@ -48,7 +48,7 @@ from .metrics import score_of, task_metrics
 from .tasks import load_task
 
 # Learning rates used when TrainConfig.lr is None (see README, "Command line", for the measurements).
-DEFAULT_LR = {"diff": 5e-4, "structured": 5e-4, "magnitude": 5e-5, "full": 5e-5, "lora": 1e-3}
+DEFAULT_LR = {"diff": 5e-4, "structured": 1e-4, "magnitude": 5e-5, "full": 5e-5, "lora": 1e-3}
 STEP_SLEEP_ENV = "DIFFPRUNE_DEBUG_STEP_SLEEP"  # tests: slow each step down to kill a run mid-way
 
 
@@ -68,7 +68,7 @@ class TrainConfig:
     method: str = "diff"
     target_sparsity: float = 0.005
     l0_lambda: float = 1.25e-7
-    group_penalty: str = "expected_l0"
+    group_penalty: str = "per_gate"
     """structured: how a group gate is penalised (`DiffPruningConfig.group_penalty`)."""
     epochs: int = 3
     fixmask_epochs: int = 3
@@ -146,6 +146,10 @@ _RESUME_KEYS = (
     "validation_file", "text_columns", "label_column", "max_eval_samples", "head_lr", "max_grad_norm", "lora_r",
     "lora_alpha", "lora_dropout",
 )
+
+# Settings whose default changed after runs had been made without recording them: a checkpoint or
+# benchmark record that lacks one was made with the value here, not with today's default.
+UNRECORDED_SETTINGS = {"group_penalty": "expected_l0"}
 
 
 @dataclass
@@ -345,8 +349,8 @@ def _write_checkpoint(acc, run_dir: Path, model, optimizer, pos: Position, setti
 
 def _read_checkpoint(path: Path, settings: dict, world: int) -> dict:
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    # a key a checkpoint lacks was added later; the run used that key's default
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    # a key a checkpoint lacks was added later; the run used that key's default of the time
+    defaults = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **UNRECORDED_SETTINGS}
     saved = {k: state.get("settings", {}).get(k, defaults.get(k)) for k in _RESUME_KEYS}
     diffs = [k for k in _RESUME_KEYS if saved.get(k) != settings.get(k)]
     if diffs:

@@ -29,7 +29,7 @@ def _run(tmp_path, *files, extra=()):
 
 def test_tuned_row_takes_the_best_lr_per_task_for_each_method(tmp_path):
     grid = [_rec("rte", "full", 56.0, gpu="H100", lr=5e-5), _rec("mrpc", "full", 83.0, gpu="H100", lr=5e-5),
-            # an old structured run: no group_penalty recorded, so it is the default (expected_l0)
+            # an old structured run: no group_penalty recorded, so it had the value of its time (expected_l0)
             _rec("rte", "structured", 49.0, gpu="H100", lr=5e-4, alpha_lr=0.1, l0_lambda=1.25e-7,
                  fixmask_epochs=3, fixmask_lr=5e-4),
             _rec("rte", "full", 99.0, seed=1, lr=5e-5)]  # another seed: not in the seed-0 table
@@ -43,10 +43,10 @@ def test_tuned_row_takes_the_best_lr_per_task_for_each_method(tmp_path):
     full_tuned = rows["full finetuning, best lr per task of {5e-5, 1e-4}"]
     assert full_tuned["scores"] == {"rte": 58.0, "mrpc": 83.0} and full_tuned["chosen"] == {"rte": "1e-4", "mrpc": "5e-5"}
     assert full_tuned["average"] == 70.5 and full_tuned["devices"] == ["CPU", "H100"]
-    st = rows["structured diff pruning 0.5% (group_penalty=per_gate), best lr per task of {1e-4, 5e-4}"]
+    st = rows["structured diff pruning 0.5%, best lr per task of {1e-4, 5e-4}"]
     assert st["scores"] == {"rte": 53.0, "mrpc": 82.0} and st["average"] == 67.5
     # the expected_l0 run is its own config with one lr: a row without an average, no tuned row
-    old = rows["structured diff pruning 0.5% (lr=5e-4)"]
+    old = rows["structured diff pruning 0.5% (group_penalty=expected_l0, lr=5e-4)"]
     assert old["scores"] == {"rte": 49.0} and old["average"] is None and old["settings"]["group_penalty"] == "expected_l0"
     assert rows["full finetuning (lr=5e-5)"]["scores"]["rte"] == 56.0  # seed 1's 99.0 left out
     md = out.with_suffix(".md").read_text()

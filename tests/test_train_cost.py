@@ -52,7 +52,7 @@ def _plain_step(dm, batch, step_seed):
             ug = gates._uniform((), seed + 1_000_003, slot.alpha.device, slot.alpha.dtype)
             d = d * (torch.sigmoid(torch.logit(ug) + slot.alpha_group) * (r - l) + l).clamp(0, 1)
         params[name] = theta[name] + d
-        penalty = penalty + gates.expected_nonzeros(slot.alpha, slot.alpha_group, l, r)
+        penalty = penalty + gates.expected_nonzeros(slot.alpha, slot.alpha_group, l, r, c.group_penalty)
     out = functional_call(dm.model, params, (), batch, tie_weights=True, strict=False)
     return out.loss + c.l0_lambda * penalty
 
@@ -69,18 +69,18 @@ def _assert_close_grads(got, ref):
         assert err <= 1e-5 * scale + 1e-7, (n, err, scale)
 
 
-@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("structured,group_penalty", [(False, "per_gate"), (True, "per_gate"), (True, "expected_l0")])
 @pytest.mark.parametrize("factory", [tiny_bert, tiny_gpt2], ids=["bert", "gpt2-tied"])
-def test_l0_step_gradients_match_plain_reference(structured, factory, monkeypatch):
+def test_l0_step_gradients_match_plain_reference(structured, group_penalty, factory, monkeypatch):
     """Every gradient of the optimised L0 step (fused gates + L0 term, blocked, noise regenerated in
-    backward) equals plain autograd through theta + z * z_g * w plus lambda * E[L0]."""
+    backward) equals plain autograd through theta + z * z_g * w plus the L0 term (either group penalty)."""
     monkeypatch.setattr(gates, "_CPU_BLOCK", 97)  # several blocks per tensor, ragged ends
     model = factory()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (4, 10), generator=g)
     batch = {"input_ids": ids, "labels": torch.randint(0, 3, (4,), generator=g) if factory is tiny_bert else ids}
-    dm = DiffModel(model, DiffPruningConfig(structured=structured, l0_lambda=1e-3)).train()
+    dm = DiffModel(model, DiffPruningConfig(structured=structured, group_penalty=group_penalty, l0_lambda=1e-3)).train()
     _randomise(dm)
 
     torch.manual_seed(123)

@@ -128,6 +128,16 @@ def test_checkpoint_and_resume_in_process(tmp_path, tiny_base, glue, monkeypatch
     assert state["dir"] == f"step-{calls[-1]:09d}" and calls == [2, 4]
     with pytest.raises(TrainError, match="written with seed=0, now seed=1"):
         train(_cfg(tmp_path, tiny_base, glue, "res", seed=1, resume=True, **kw))
+    # a checkpoint from before group_penalty was recorded was trained with that era's expected_l0,
+    # not today's default, so resuming it under the default is refused
+    trainer_state = tmp_path / "res" / "checkpoint" / state["dir"] / "trainer_state.json"
+    written = trainer_state.read_text()
+    old = json.loads(written)
+    del old["settings"]["group_penalty"]
+    trainer_state.write_text(json.dumps(old))
+    with pytest.raises(TrainError, match="written with group_penalty='expected_l0', now group_penalty='per_gate'"):
+        train(_cfg(tmp_path, tiny_base, glue, "res", resume=True, **kw))
+    trainer_state.write_text(written)
     res = train(_cfg(tmp_path, tiny_base, glue, "res", resume=True, **kw))
     assert res["nnz"] == ref["nnz"] and res["steps"] == ref["steps"] and res["final"] == ref["final"]
     a, b = SparseDiff.load(tmp_path / "ref"), SparseDiff.load(tmp_path / "res")

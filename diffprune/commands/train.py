@@ -55,9 +55,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="fraction of parameters the diff keeps (default 0.005 = 0.5%%)")
     g.add_argument("--l0-lambda", type=float, default=d.l0_lambda, help="L0 penalty weight (default 1.25e-7)")
     g.add_argument("--group-penalty", choices=GROUP_PENALTIES, default=d.group_penalty,
-                   help="structured: expected_l0 (default; the paper's equation, lambda * sum P(z_i) P(z_g)) or "
-                        "per_gate (the paper's reference code, each gate counted once: group gates close only "
-                        "when the task pushes them)")
+                   help="structured: per_gate (default; the paper's reference code, each gate counted once: "
+                        "group gates close only when the task pushes them) or expected_l0 (the paper's equation, "
+                        "lambda * sum P(z_i) P(z_g); closes most group gates within ~100 steps on MiniLM)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the first stage (default 3)")
     g.add_argument("--fixmask-epochs", type=int, default=d.fixmask_epochs,
                    help="epochs of fixed-mask finetuning after projection (default 3; diff methods)")
