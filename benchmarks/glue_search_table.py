@@ -9,8 +9,10 @@ a row names the settings that differ from glue_accuracy.py's defaults. For every
 combination of the other settings, a "tuned" row takes, per task, the best validation score over
 the searched setting (`--axis`, default lr): the same selection for every method, so the search
 effort is equal and visible. Validation-selected scores are optimistic for every method alike
-(GLUE's labelled test sets are not public). Writes OUT.md and OUT.json with the command, machine
-and date; each row records where its runs ran (GPU or CPU).
+(GLUE's labelled test sets are not public). With `--seeds 0 1 2` each cell is instead the mean ±
+sample std over the seeds it has, with the scores per seed below, and there are no tuned rows.
+Writes OUT.md and OUT.json with the command, machine and date; each row records where its runs
+ran (GPU or CPU).
 """
 
 from __future__ import annotations
@@ -75,39 +77,45 @@ def _label(method: str, settings: dict, always: tuple = ()) -> str:
     return METHOD_TITLES[method] + (f" ({', '.join(changed)})" if changed else "")
 
 
-def collect(paths: list[Path], seed: int) -> dict:
-    """config key -> {task: record} for one seed. When two inputs hold runs of the same config and
-    task (the same run copied, or a rerun of it elsewhere), the first input's is used and the
-    other is named on stderr, so a table never silently averages reruns."""
-    records = [(path, rec) for path in paths for rec in json.loads(path.read_text()) if rec["seed"] == seed]
+def collect(paths: list[Path], seeds: list[int]) -> dict:
+    """config key -> {task: {seed: record}}. When two inputs hold runs of the same config, task and
+    seed (the same run copied, or a rerun of it elsewhere), the first input's is used and the other
+    is named on stderr, so a table never silently averages reruns."""
+    records = [(path, rec) for path in paths for rec in json.loads(path.read_text()) if rec["seed"] in seeds]
     keys: dict = defaultdict(set)
     for _, rec in records:
         keys[rec["method"]] |= set(rec["settings"])
-    configs: dict = defaultdict(dict)
+    configs: dict = defaultdict(lambda: defaultdict(dict))
     source: dict = {}
     for path, rec in records:
         key = _config_key(rec, keys[rec["method"]])
-        task = rec["task"]
-        if task in configs[key]:
-            kept = configs[key][task]
+        task, seed = rec["task"], rec["seed"]
+        if seed in configs[key][task]:
+            kept = configs[key][task][seed]
             if (kept["score"], kept.get("date")) != (rec["score"], rec.get("date")):
-                print(f"note: {path} has another {task} run of {_label(key[0], dict(key[1]))} "
-                      f"(score {rec['score']:.1f}); using {source[key, task]}'s ({kept['score']:.1f})", file=sys.stderr)
+                print(f"note: {path} has another {task} seed-{seed} run of {_label(key[0], dict(key[1]))} "
+                      f"(score {rec['score']:.1f}); using {source[key, task, seed]}'s ({kept['score']:.1f})",
+                      file=sys.stderr)
             continue
-        configs[key][task], source[key, task] = rec, path
+        configs[key][task][seed], source[key, task, seed] = rec, path
     return configs
 
 
-def build(configs: dict, tasks: list[str], axis: str) -> list[dict]:
+def build(configs: dict, tasks: list[str], axis: str, tuned: bool = True) -> list[dict]:
     rows = []
     for (method, items), by_task in sorted(configs.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1])):
         settings = dict(items)
-        scores = {t: by_task[t]["score"] for t in tasks if t in by_task}
+        seed_scores = {t: {seed: rec["score"] for seed, rec in sorted(by_task[t].items())} for t in tasks if t in by_task}
+        scores = {t: statistics.mean(s.values()) for t, s in seed_scores.items()}
         rows.append({
             "kind": "setting", "method": method, "label": _label(method, settings, always=(axis,)), "settings": settings,
-            "scores": scores, "average": statistics.mean(scores.values()) if len(scores) == len(tasks) else None,
-            "devices": sorted({_device(by_task[t]) for t in scores}),
+            "scores": scores, "seed_scores": seed_scores,
+            "std": {t: statistics.stdev(s.values()) for t, s in seed_scores.items() if len(s) > 1},
+            "average": statistics.mean(scores.values()) if len(scores) == len(tasks) else None,
+            "devices": sorted({_device(rec) for t in scores for rec in by_task[t].values()}),
         })
+    if not tuned:
+        return rows
     # A tuned row per method and per value of every other setting (the best score per task over
     # `axis`), placed after the rows it chose from.
     families: dict = defaultdict(list)
@@ -136,30 +144,47 @@ def build(configs: dict, tasks: list[str], axis: str) -> list[dict]:
     return out
 
 
+def _cell(row: dict, task: str) -> str:
+    if task not in row["scores"]:
+        return "—"
+    if row["kind"] == "tuned":
+        return f"{row['scores'][task]:.1f} ({row['chosen'][task]})"
+    n = len(row["seed_scores"][task])
+    return f"{row['scores'][task]:.1f} ± {row['std'][task]:.1f} (n={n})" if n > 1 else f"{row['scores'][task]:.1f}"
+
+
 def render(rows: list[dict], tasks: list[str], axis: str, meta: dict) -> str:
+    seeds = meta["seeds"]
+    if len(seeds) == 1:
+        about = (f"Seed {seeds[0]}. Scores are the per-task GLUE score (0–100) on the validation sets; `avg` is "
+                 "their mean when every task has a run. Rows marked *tuned* take, per task, the best score over "
+                 f"the searched {axis} (shown under the score): the same selection for every method, optimistic for all alike.")
+    else:
+        about = (f"Seeds {', '.join(map(str, seeds))}. Scores are the per-task GLUE score (0–100) on the validation "
+                 "sets, as mean ± sample std over the seeds a cell has (n); `avg` is the mean of the task means when "
+                 "every task has a run. No tuned rows: a setting is chosen on one seed, then rerun on more.")
     lines = [
-        "# GLUE hyperparameter search (validation sets)", "",
+        "# GLUE hyperparameter search (validation sets)" if len(seeds) == 1 else "# GLUE over seeds (validation sets)", "",
         f"Command: `{meta['command']}`  ", f"Date: {meta['date']}  ", f"Machine (this table): {meta['machine']['cpu']}", "",
-        f"Seed {meta['seed']}. Scores are the per-task GLUE score (0–100) on the validation sets; `avg` is "
-        "their mean when every task has a run. Rows marked *tuned* take, per task, the best score over "
-        f"the searched {axis} (shown under the score): the same selection for every method, optimistic for all alike.", "",
+        about, "",
         "| setting | " + " | ".join(tasks) + " | avg | ran on |",
         "|---|" + "---|" * (len(tasks) + 2),
     ]
     for row in rows:
-        cells = []
-        for t in tasks:
-            if t not in row["scores"]:
-                cells.append("—")
-            elif row["kind"] == "tuned":
-                cells.append(f"{row['scores'][t]:.1f} ({row['chosen'][t]})")
-            else:
-                cells.append(f"{row['scores'][t]:.1f}")
         avg = "—" if row["average"] is None else f"{row['average']:.1f}"
-        name = f"*tuned:* {row['label']}" if row["kind"] == "tuned" else row["label"]
+        name = row["label"]
         if row["kind"] == "tuned":
-            avg = f"**{avg}**"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg} | {', '.join(row['devices'])} |")
+            name, avg = f"*tuned:* {name}", f"**{avg}**"
+        lines.append(f"| {name} | " + " | ".join(_cell(row, t) for t in tasks) + f" | {avg} | {', '.join(row['devices'])} |")
+    if len(seeds) > 1:
+        lines += ["", "## Per seed", "", "| setting | task | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                  "|---|---|" + "---|" * len(seeds)]
+        for row in rows:
+            for t in tasks:
+                by_seed = row["seed_scores"].get(t, {})
+                if len(by_seed) > 1:
+                    cells = [f"{by_seed[s]:.1f}" if s in by_seed else "—" for s in seeds]
+                    lines.append(f"| {row['label']} | {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -169,18 +194,19 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, type=Path, help="path without suffix; writes .md and .json")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="one seed: a search table with tuned rows; several: mean ± std per cell over them")
     p.add_argument("--axis", default="lr", help="the searched setting a tuned row chooses per task")
     args = p.parse_args(argv)
 
     missing = [str(x) for x in args.inputs if not x.is_file()]
     if missing:
         raise SystemExit(f"no such results file: {', '.join(missing)} (run glue_accuracy.py first)")
-    configs = {k: v for k, v in collect(args.inputs, args.seed).items() if k[0] in args.methods}
+    configs = {k: v for k, v in collect(args.inputs, args.seeds).items() if k[0] in args.methods}
     if not configs:
-        raise SystemExit(f"no runs with seed {args.seed} for methods {args.methods} in the inputs")
-    rows = build(configs, args.tasks, args.axis)
-    meta = {"command": _env.command(), "machine": _env.machine(), "date": _env.now(), "seed": args.seed,
+        raise SystemExit(f"no runs with seed(s) {args.seeds} for methods {args.methods} in the inputs")
+    rows = build(configs, args.tasks, args.axis, tuned=len(args.seeds) == 1)
+    meta = {"command": _env.command(), "machine": _env.machine(), "date": _env.now(), "seeds": args.seeds,
             "inputs": [str(x) for x in args.inputs]}
     text = render(rows, args.tasks, args.axis, meta)
     print(text)

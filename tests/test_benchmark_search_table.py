@@ -61,7 +61,31 @@ def test_a_rerun_in_a_second_file_is_named_not_averaged(tmp_path):
     assert res.returncode == 0, res.stderr
     (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert row["scores"] == {"rte": 56.0}
-    assert res.stderr.count("another rte run") == 1 and "(score 60.0)" in res.stderr
+    assert res.stderr.count("another rte seed-0 run") == 1 and "(score 60.0)" in res.stderr
+
+
+def test_several_seeds_give_mean_and_spread_per_cell_and_no_tuned_rows(tmp_path):
+    per_gate = dict(alpha_lr=0.1, l0_lambda=1.25e-7, fixmask_epochs=3, fixmask_lr=5e-4, group_penalty="per_gate")
+    runs = [_rec("rte", "full", score, seed=seed, lr=1e-4) for seed, score in ((0, 54.0), (1, 58.0), (2, 59.0))]
+    runs += [_rec("mrpc", "full", 83.0, seed=0, lr=1e-4), _rec("mrpc", "full", 99.0, seed=3, lr=1e-4)]  # seed 3 not asked
+    runs += [_rec("rte", "full", 60.0, seed=1, lr=5e-5)]
+    runs += [_rec(t, "structured", score, seed=seed, lr=1e-4, **per_gate)
+             for t, seed, score in (("rte", 0, 55.0), ("rte", 1, 57.0), ("mrpc", 0, 84.0), ("mrpc", 1, 82.0))]
+    res, out = _run(tmp_path, runs, extra=("--seeds", "0", "1", "2"))
+    assert res.returncode == 0, res.stderr
+    rows = {r["label"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert all(r["kind"] == "setting" for r in rows.values())  # no tuned rows over unequal seed counts
+    full = rows["full finetuning (lr=1e-4)"]
+    assert full["seed_scores"] == {"rte": {"0": 54.0, "1": 58.0, "2": 59.0}, "mrpc": {"0": 83.0}}
+    assert full["scores"] == {"rte": 57.0, "mrpc": 83.0} and full["average"] == 70.0
+    assert abs(full["std"]["rte"] - 7 ** 0.5) < 1e-12 and "mrpc" not in full["std"]
+    st = rows["structured diff pruning 0.5% (lr=1e-4)"]
+    assert st["scores"] == {"rte": 56.0, "mrpc": 83.0} and st["average"] == 69.5
+    md = out.with_suffix(".md").read_text()
+    assert "# GLUE over seeds" in md
+    assert "| full finetuning (lr=1e-4) | 57.0 ± 2.6 (n=3) | 83.0 | 70.0 | CPU |" in md
+    assert "| full finetuning (lr=1e-4) | rte | 54.0 | 58.0 | 59.0 |" in md
+    assert "| structured diff pruning 0.5% (lr=1e-4) | mrpc | 84.0 | 82.0 | — |" in md
 
 
 def test_missing_input_is_refused(tmp_path):
