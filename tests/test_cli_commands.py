@@ -175,3 +175,45 @@ def test_bad_input_one_line_errors_and_nothing_overwritten(tmp_path, tiny_base, 
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     assert "holds no trained model" in _fails("eval", tmp_path)
     assert "no sparse diff" not in _fails("inspect", tmp_path / "nothing-here")
+
+
+def test_diff_ablation_takes_out_one_kind_at_a_time(rte_run, tmp_path, glue):
+    """benchmarks/diff_ablation.py on the trained run: the whole diff rescores as in training, the
+    kinds partition the nonzeros, and head-only equals the base with just the head set."""
+    import sys
+
+    from diffprune.batching import encode_dataset, pad_id, predict_outputs
+    from diffprune.metrics import score_of, task_metrics
+    from diffprune.runs import load_base, load_run, read_task_info
+    from diffprune.tasks import load_validation, spec_from_info
+
+    from .helpers_cli import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import diff_ablation
+
+    out, summary = rte_run
+    diff_ablation.main([str(out), "--data-dir", str(glue), "--max-samples", "32", "--out", str(tmp_path / "abl")])
+    (res,) = json.loads((tmp_path / "abl.json").read_text())["results"]
+    assert res["score"] == pytest.approx(summary["score"], abs=1e-9) and res["examples"] == 32
+    *kinds, head_only = res["ablations"]
+    assert {r["removed"] for r in kinds} >= {"embeddings", "ffn", "attn_query"}
+    assert sum(r["nnz_removed"] for r in kinds) == res["nnz"] == SparseDiff.load(out).nnz
+    assert all(r["change"] == pytest.approx(r["score"] - res["score"]) for r in res["ablations"])
+
+    assert all(r["output_shift"] > 0 for r in res["ablations"])  # every kind's entries were taken out
+
+    info = read_task_info(out)
+    spec = spec_from_info(info)
+    trained, tok, _ = load_run(out)
+    enc = encode_dataset(tok, load_validation(spec, glue, 32), spec.text_columns, int(info["max_seq_length"]))
+    whole = predict_outputs(trained, enc, pad_id(tok), 64)
+    base, _, _ = load_base(info["base_model"], len(info["labels"]), info["labels"], info["task_type"])
+    params = dict(base.named_parameters())
+    with torch.no_grad():
+        for name, t in SparseDiff.load(out).head.items():
+            params[name].copy_(t)
+    head = predict_outputs(base, enc, pad_id(tok), 64)
+    assert head_only["score"] == pytest.approx(score_of(spec, task_metrics(spec, head.tolist(), enc.labels)))
+    assert head_only["output_shift"] == pytest.approx(float((head - whole).abs().mean()), rel=1e-5)
+    assert "| embeddings |" in (tmp_path / "abl.md").read_text()
