@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
 import _env  # noqa: E402
-from glue_accuracy import DEFAULTS, METHOD_TITLES, METHODS, TASKS  # noqa: E402
+from glue_accuracy import DEFAULTS, METHOD_TITLES, METHODS, TASKS, _kb  # noqa: E402
 
 from diffprune._io import atomic_write_text  # noqa: E402
 from diffprune.training import UNRECORDED_SETTINGS  # noqa: E402
@@ -71,10 +71,16 @@ def _sort_key(value: str):
         return (1, 0.0, str(value))
 
 
+# The rank is a searched setting here, so LoRA's title leaves it to the settings, which always show it.
+TITLES = {**METHOD_TITLES, "lora": "LoRA (q,v) + head"}
+ALWAYS_SHOWN = {"lora": ("lora_r",)}
+
+
 def _label(method: str, settings: dict, always: tuple = ()) -> str:
     defaults = _defaults(method)
+    always = (*always, *ALWAYS_SHOWN.get(method, ()))
     changed = [f"{k}={v}" for k, v in sorted(settings.items()) if defaults.get(k) != v or k in always]
-    return METHOD_TITLES[method] + (f" ({', '.join(changed)})" if changed else "")
+    return TITLES[method] + (f" ({', '.join(changed)})" if changed else "")
 
 
 def collect(paths: list[Path], seeds: list[int]) -> dict:
@@ -107,11 +113,13 @@ def build(configs: dict, tasks: list[str], axis: str, tuned: bool = True) -> lis
         settings = dict(items)
         seed_scores = {t: {seed: rec["score"] for seed, rec in sorted(by_task[t].items())} for t in tasks if t in by_task}
         scores = {t: statistics.mean(s.values()) for t, s in seed_scores.items()}
+        stored = {t: statistics.mean(rec.get("stored_bytes") or 0 for rec in by_task[t].values()) for t in scores}
         rows.append({
             "kind": "setting", "method": method, "label": _label(method, settings, always=(axis,)), "settings": settings,
             "scores": scores, "seed_scores": seed_scores,
             "std": {t: statistics.stdev(s.values()) for t, s in seed_scores.items() if len(s) > 1},
             "average": statistics.mean(scores.values()) if len(scores) == len(tasks) else None,
+            "stored_bytes": stored,
             "devices": sorted({_device(rec) for t in scores for rec in by_task[t].values()}),
         })
     if not tuned:
@@ -127,18 +135,19 @@ def build(configs: dict, tasks: list[str], axis: str, tuned: bool = True) -> lis
         out += members
         if len(members) < 2:
             continue
-        scores, chosen = {}, {}
+        scores, chosen, stored = {}, {}, {}
         for t in tasks:
             have = [m for m in members if t in m["scores"]]
             if have:
                 best = max(have, key=lambda m: m["scores"][t])
-                scores[t], chosen[t] = best["scores"][t], best["settings"].get(axis)
-        label = _label(method, {**dict(rest), axis: _defaults(method).get(axis)})
+                scores[t], chosen[t], stored[t] = best["scores"][t], best["settings"].get(axis), best["stored_bytes"][t]
+        label = _label(method, dict(rest))  # without the axis: the row picks it per task
         searched = sorted({m["settings"].get(axis) for m in members}, key=_sort_key)
         out.append({
             "kind": "tuned", "method": method, "label": f"{label}, best {axis} per task of {{{', '.join(searched)}}}",
             "settings": dict(rest), "scores": scores, "chosen": chosen,
             "average": statistics.mean(scores.values()) if len(scores) == len(tasks) else None,
+            "stored_bytes": stored,
             "devices": sorted({d for m in members for d in m["devices"]}),
         })
     return out
@@ -163,19 +172,23 @@ def render(rows: list[dict], tasks: list[str], axis: str, meta: dict) -> str:
         about = (f"Seeds {', '.join(map(str, seeds))}. Scores are the per-task GLUE score (0–100) on the validation "
                  "sets, as mean ± sample std over the seeds a cell has (n); `avg` is the mean of the task means when "
                  "every task has a run. No tuned rows: a setting is chosen on one seed, then rerun on more.")
+    about += " `bytes / task`: stored bytes per task (the diff file, LoRA adapter or fp32 checkpoint), mean over the row's runs."
     lines = [
         "# GLUE hyperparameter search (validation sets)" if len(seeds) == 1 else "# GLUE over seeds (validation sets)", "",
         f"Command: `{meta['command']}`  ", f"Date: {meta['date']}  ", f"Machine (this table): {meta['machine']['cpu']}", "",
         about, "",
-        "| setting | " + " | ".join(tasks) + " | avg | ran on |",
-        "|---|" + "---|" * (len(tasks) + 2),
+        "| setting | " + " | ".join(tasks) + " | avg | bytes / task | ran on |",
+        "|---|" + "---|" * (len(tasks) + 3),
     ]
     for row in rows:
         avg = "—" if row["average"] is None else f"{row['average']:.1f}"
         name = row["label"]
         if row["kind"] == "tuned":
             name, avg = f"*tuned:* {name}", f"**{avg}**"
-        lines.append(f"| {name} | " + " | ".join(_cell(row, t) for t in tasks) + f" | {avg} | {', '.join(row['devices'])} |")
+        stored = [b for b in row["stored_bytes"].values() if b]
+        size = _kb(statistics.mean(stored)) if len(stored) == len(row["stored_bytes"]) and stored else "—"
+        lines.append(f"| {name} | " + " | ".join(_cell(row, t) for t in tasks)
+                     + f" | {avg} | {size} | {', '.join(row['devices'])} |")
     if len(seeds) > 1:
         lines += ["", "## Per seed", "", "| setting | task | " + " | ".join(f"seed {s}" for s in seeds) + " |",
                   "|---|---|" + "---|" * len(seeds)]

@@ -9,11 +9,11 @@ REPO = Path(__file__).resolve().parents[1]
 TASKS = ["rte", "mrpc"]
 
 
-def _rec(task, method, score, seed=0, gpu=None, date="d", **settings):
+def _rec(task, method, score, seed=0, gpu=None, date="d", stored_bytes=None, **settings):
     machine = {"cpu": "x"} | ({"gpu": gpu} if gpu else {})
     base = {"batch_size": 16, "max_seq_length": 128, "epochs": 3}
     return {"task": task, "method": method, "seed": seed, "score": score, "machine": machine, "date": date,
-            "settings": base | settings}
+            "settings": base | settings, "stored_bytes": stored_bytes}
 
 
 def _run(tmp_path, *files, extra=()):
@@ -50,8 +50,23 @@ def test_tuned_row_takes_the_best_lr_per_task_for_each_method(tmp_path):
     assert old["scores"] == {"rte": 49.0} and old["average"] is None and old["settings"]["group_penalty"] == "expected_l0"
     assert rows["full finetuning (lr=5e-5)"]["scores"]["rte"] == 56.0  # seed 1's 99.0 left out
     md = out.with_suffix(".md").read_text()
-    assert "| *tuned:* full finetuning, best lr per task of {5e-5, 1e-4} | 58.0 (1e-4) | 83.0 (5e-5) | **70.5** | CPU, H100 |" in md
+    assert "| *tuned:* full finetuning, best lr per task of {5e-5, 1e-4} | 58.0 (1e-4) | 83.0 (5e-5) | **70.5** | — | CPU, H100 |" in md
     assert "glue_search_table.py" in md
+
+
+def test_bytes_per_task_follow_the_runs_a_row_holds(tmp_path):
+    runs = [_rec("rte", "lora", 54.0, lr=1e-3, stored_bytes=300_000), _rec("mrpc", "lora", 82.0, lr=1e-3, stored_bytes=302_000),
+            _rec("rte", "lora", 56.0, lr=5e-4, stored_bytes=300_000), _rec("mrpc", "lora", 81.0, lr=5e-4, stored_bytes=302_000),
+            _rec("rte", "lora", 57.0, lr=1e-3, lora_r=20, stored_bytes=740_000),
+            _rec("mrpc", "lora", 84.0, lr=1e-3, lora_r=20, stored_bytes=742_000)]
+    res, out = _run(tmp_path, runs, extra=("--axis", "lora_r", "--methods", "lora"))
+    assert res.returncode == 0, res.stderr
+    rows = {r["label"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    tuned = rows["LoRA (q,v) + head, best lora_r per task of {8, 20}"]
+    assert tuned["chosen"] == {"rte": "20", "mrpc": "20"} and tuned["stored_bytes"] == {"rte": 740_000, "mrpc": 742_000}
+    md = out.with_suffix(".md").read_text()
+    assert "| LoRA (q,v) + head (lora_r=20) | 57.0 | 84.0 | 70.5 | 741 kB | CPU |" in md
+    assert "| LoRA (q,v) + head (lora_r=8, lr=5e-4) | 56.0 | 81.0 | 68.5 | 301 kB | CPU |" in md
 
 
 def test_a_rerun_in_a_second_file_is_named_not_averaged(tmp_path):
@@ -83,7 +98,7 @@ def test_several_seeds_give_mean_and_spread_per_cell_and_no_tuned_rows(tmp_path)
     assert st["scores"] == {"rte": 56.0, "mrpc": 83.0} and st["average"] == 69.5
     md = out.with_suffix(".md").read_text()
     assert "# GLUE over seeds" in md
-    assert "| full finetuning (lr=1e-4) | 57.0 ± 2.6 (n=3) | 83.0 | 70.0 | CPU |" in md
+    assert "| full finetuning (lr=1e-4) | 57.0 ± 2.6 (n=3) | 83.0 | 70.0 | — | CPU |" in md
     assert "| full finetuning (lr=1e-4) | rte | 54.0 | 58.0 | 59.0 |" in md
     assert "| structured diff pruning 0.5% (lr=1e-4) | mrpc | 84.0 | 82.0 | — |" in md
 
