@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import shlex
@@ -49,3 +50,15 @@ def command() -> str:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def write_results(out, text: str, record: dict) -> None:
+    """OUT.md (the table people read) and OUT.json (the record), each written atomically."""
+    from pathlib import Path
+
+    from diffprune._io import atomic_write_text
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.with_suffix(".md"), text)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=1) + "\n")

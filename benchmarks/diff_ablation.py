@@ -8,8 +8,8 @@ entries taken out, one kind at a time.
 
 For every diff run given: its nonzeros per kind (embeddings, attention query/key/value/output, FFN,
 LayerNorm, bias, other; `diffprune.analysis.kind_of`), then the validation score of the base model
-plus the dense head, and how far its outputs move, with (a) the whole diff, (b) the diff without one kind, for each kind it has,
-and (c) no diff entries at all (head only). Nothing is retrained, so a drop measures what those
+plus the dense head, and how far its outputs move, with (a) the whole diff, (b) the diff without
+one kind, for each kind it has, and (c) no diff entries at all (head only). Nothing is retrained, so a drop measures what those
 entries do in this trained diff, not what a diff trained without them could reach. Writes OUT.md
 and OUT.json with the command, machine and date.
 """
@@ -17,7 +17,6 @@ and OUT.json with the command, machine and date.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
 import _env  # noqa: E402
 
-from diffprune._io import atomic_write_text  # noqa: E402
 from diffprune.analysis import KIND_ORDER, kind_of  # noqa: E402
 
 HEAD_ONLY = "all diff entries (head only)"
@@ -44,7 +42,7 @@ def ablate(run_dir: Path, data_dir: str | None, batch_size: int, max_samples: in
     from diffprune.batching import encode_dataset, pad_id, predict_outputs
     from diffprune.diff_file import SparseDiff
     from diffprune.metrics import score_of, task_metrics
-    from diffprune.runs import load_base, read_task_info, run_method
+    from diffprune.runs import load_run_base, read_task_info, run_method
     from diffprune.tasks import load_validation, spec_from_info
 
     if run_method(run_dir) != "diff":
@@ -52,8 +50,7 @@ def ablate(run_dir: Path, data_dir: str | None, batch_size: int, max_samples: in
     info = read_task_info(run_dir)
     spec = spec_from_info(info)
     diff = SparseDiff.load(run_dir)
-    num_labels = max(1, len(info["labels"])) if info["task_type"] == "classification" else 1
-    base, tokenizer, _ = load_base(info["base_model"], num_labels, info["labels"], info["task_type"])
+    base, tokenizer = load_run_base(info)
     enc = encode_dataset(tokenizer, load_validation(spec, data_dir, max_samples), spec.text_columns,
                          int(info["max_seq_length"]))
 
@@ -79,9 +76,10 @@ def ablate(run_dir: Path, data_dir: str | None, batch_size: int, max_samples: in
     rows = []
     for label, names, count in removals:
         outputs = outputs_with(without(diff, names))
+        value = score(outputs)
         # How far the outputs move, beside the score: a score can stay put while the logits shift.
-        rows.append({"removed": label, "nnz_removed": count, "share": count / diff.nnz, "score": score(outputs),
-                     "change": score(outputs) - full, "output_shift": float((outputs - reference).abs().mean())})
+        rows.append({"removed": label, "nnz_removed": count, "share": count / diff.nnz, "score": value,
+                     "change": value - full, "output_shift": float((outputs - reference).abs().mean())})
     return {"run_dir": str(run_dir), "task": info.get("task"), "examples": len(enc), "nnz": diff.nnz,
             "score": full, "ablations": rows}
 
@@ -123,9 +121,7 @@ def main(argv=None) -> None:
     meta = {"command": _env.command(), "machine": _env.machine(), "date": _env.now()}
     text = render(results, meta)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out.with_suffix(".md"), text)
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps({**meta, "results": results}, indent=1) + "\n")
+    _env.write_results(args.out, text, {**meta, "results": results})
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the checkout, in
 import _env  # noqa: E402
 from glue_accuracy import DEFAULTS, METHOD_TITLES, METHODS, TASKS, _kb  # noqa: E402
 
-from diffprune._io import atomic_write_text  # noqa: E402
 from diffprune.training import UNRECORDED_SETTINGS  # noqa: E402
 
 
@@ -223,9 +222,7 @@ def main(argv=None) -> None:
             "inputs": [str(x) for x in args.inputs]}
     text = render(rows, args.tasks, args.axis, meta)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out.with_suffix(".md"), text)
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    _env.write_results(args.out, text, {**meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -205,6 +205,13 @@ def load_base(base_model: str, num_labels: int, labels=(), task_type: str = "cla
     return model.float().eval(), tokenizer, missing
 
 
+def load_run_base(info: dict):
+    """(fresh base model with the head shape of a run's task, tokenizer): what a diff or adapter goes on."""
+    num_labels = max(1, len(info["labels"])) if info["task_type"] == "classification" else 1
+    base, tokenizer, _ = load_base(info["base_model"], num_labels, info["labels"], info["task_type"])
+    return base, tokenizer
+
+
 def load_run(run_dir: str | Path):
     """(model in eval mode, tokenizer, task_info) of a finished run.
 
@@ -214,13 +221,12 @@ def load_run(run_dir: str | Path):
     run_dir = Path(run_dir)
     info = read_task_info(run_dir)
     kind = run_method(run_dir)
-    num_labels = max(1, len(info["labels"])) if info["task_type"] == "classification" else 1
     if kind == "diff":
         from .diff_file import SparseDiff
         from .model import DiffModel
 
         diff = SparseDiff.load(run_dir)
-        base, tokenizer, _ = load_base(info["base_model"], num_labels, info["labels"], info["task_type"])
+        base, tokenizer = load_run_base(info)
         model = DiffModel.from_sparse_diff(base, diff)
     elif kind == "full":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -236,7 +242,7 @@ def load_run(run_dir: str | Path):
             from peft import PeftModel
         except ImportError as e:
             raise RunError("this is a LoRA run: loading it needs peft (pip install peft)") from e
-        base, tokenizer, _ = load_base(info["base_model"], num_labels, info["labels"], info["task_type"])
+        base, tokenizer = load_run_base(info)
         with hf_quiet():
             model = PeftModel.from_pretrained(base, run_dir / ADAPTER_DIR)
     return model.eval(), tokenizer, info
