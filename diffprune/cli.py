@@ -16,6 +16,15 @@ class UsageError(DiffPruneError):
     """Bad command-line input: printed as one line, exit code 2."""
 
 
+def add_base_mismatch_flag(parser: argparse.ArgumentParser) -> None:
+    """``--allow-base-mismatch``: the CLI's form of ``allow_base_mismatch=True``."""
+    parser.add_argument(
+        "--allow-base-mismatch", action="store_true",
+        help="use a diff even when the base model's fingerprint differs from the one it was trained on "
+             "(only when you know the weights are compatible: the outputs are otherwise meaningless)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffprune", description="Diff pruning for Hugging Face models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -155,7 +155,8 @@ class SparseDiff:
                 "this diff was trained on a different base model: its fingerprint is "
                 f"{self.base_fingerprint}, the model's is {found}. Load the base checkpoint named in "
                 f"the diff's metadata ({self.extra.get('base_model', 'unknown')}) in the dtype it was "
-                "trained in, or pass allow_base_mismatch=True if you know the weights are compatible"
+                "trained in; if you know the weights are compatible, pass --allow-base-mismatch (command line) "
+                "or allow_base_mismatch=True (Python)"
             )
 
     def _check_layout(self, params: dict) -> None:

@@ -112,6 +112,17 @@ class _FixedSlot(nn.Module):
         self.values = nn.Parameter(values)
 
 
+def budget(target_sparsity: float, n_diffed: int) -> int:
+    """The number of entries projection keeps: round(t * n), which must be at least 1."""
+    k = round(target_sparsity * n_diffed)
+    if k < 1:
+        raise ConfigError(
+            f"target_sparsity={target_sparsity:g} keeps round({target_sparsity:g} * {n_diffed:,}) = 0 of the "
+            f"{n_diffed:,} diffed entries: raise it to at least {1 / n_diffed:.3g} (--target-sparsity)"
+        )
+    return k
+
+
 class DiffModel(nn.Module):
     """A frozen model plus a learned, sparse, task-specific diff.
 
@@ -152,6 +163,7 @@ class DiffModel(nn.Module):
         self.base_fingerprint = model_fingerprint(model, config)
         params = dict(model.named_parameters())
         self.n_diffed = sum(params[n].numel() for n in self.diff_names)
+        budget(config.target_sparsity, self.n_diffed)  # a budget of 0 entries fails here, not after the L0 stage
         self._unloaded = False
         self.slots = nn.ModuleDict()
         if _allocate:
@@ -341,11 +353,7 @@ class DiffModel(nn.Module):
             raise DiffModeError("the diff is already projected; project() runs once, after the L0 stage")
         t = self.config.target_sparsity if target_sparsity is None else target_sparsity
         DiffPruningConfig(target_sparsity=t)  # validates the range with the standard message
-        k = round(t * self.n_diffed)
-        if k == 0:
-            raise ConfigError(
-                f"target_sparsity={t} keeps round({t} * {self.n_diffed}) = 0 entries: raise target_sparsity"
-            )
+        k = budget(t, self.n_diffed)
         deltas = self.delta()
         positions = global_topk_positions(
             {n: d.abs() for n, d in deltas.items()}, k, tiebreak=self._expected_magnitudes

@@ -178,10 +178,43 @@ def hf_quiet():
             hf_logging.enable_progress_bar()
 
 
+def load_pretrained(base_model: str | os.PathLike, dtype=None, output_loading_info: bool = False, **kwargs):
+    """The one base-model loader: ``(AutoModelForSequenceClassification, tokenizer[, loading info])``.
+
+    `base_model` is a recorded model (`model_location`), a folder or a hub id. Any failure to find or
+    read it (no such folder, an invalid or missing hub id, offline without a cache, a folder that is no
+    model) is a `RunError` naming the model and the fix, never a transformers traceback."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    location = model_location(str(base_model))
+    path = Path(location).expanduser()
+    looks_like_path = str(location).startswith((".", "/", "~")) or str(location).count("/") > 1
+    if looks_like_path and not path.is_dir():
+        raise RunError(f"cannot load model {str(base_model)!r}: no such folder (and not a Hugging Face id, which "
+                       "is org/name); pass an existing model folder (config.json + weights) or a hub id")
+    with hf_quiet():  # "newly initialized: classifier.*" is expected: it is the task head
+        try:
+            loaded = AutoModelForSequenceClassification.from_pretrained(
+                location, dtype=dtype or torch.float32, output_loading_info=output_loading_info, **kwargs
+            )
+            tokenizer = AutoTokenizer.from_pretrained(location)
+        except (OSError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RunError(
+                f"cannot load model {str(base_model)!r} ({first}); pass a local model folder or a Hugging Face id "
+                "that is downloaded (offline: HF_HUB_OFFLINE=1 uses the cache only)"
+            ) from e
+    if output_loading_info:
+        model, loading = loaded
+        return model, tokenizer, loading
+    return loaded, tokenizer
+
+
 def load_base(base_model: str, num_labels: int, labels=(), task_type: str = "classification", seed: int | None = None):
     """(AutoModelForSequenceClassification, tokenizer, names of newly initialised parameters) in fp32."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     kwargs = {"num_labels": num_labels}
     if labels:
         kwargs["id2label"] = {i: str(n) for i, n in enumerate(labels)}
@@ -189,18 +222,7 @@ def load_base(base_model: str, num_labels: int, labels=(), task_type: str = "cla
     kwargs["problem_type"] = "regression" if task_type == "regression" else "single_label_classification"
     if seed is not None:
         torch.manual_seed(seed)
-    with hf_quiet():  # "newly initialized: classifier.*" is expected: it is the task head
-        try:
-            model, loading = AutoModelForSequenceClassification.from_pretrained(
-                model_location(base_model), dtype=torch.float32, output_loading_info=True, **kwargs
-            )
-            tokenizer = AutoTokenizer.from_pretrained(model_location(base_model))
-        except OSError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RunError(
-                f"cannot load model {base_model!r} ({first}); pass --model with a local model folder or a "
-                "Hugging Face id that is downloaded (offline: HF_HUB_OFFLINE=1 uses the cache only)"
-            ) from e
+    model, tokenizer, loading = load_pretrained(base_model, output_loading_info=True, **kwargs)
     missing = sorted(loading.get("missing_keys") or [])
     return model.float().eval(), tokenizer, missing
 
@@ -212,11 +234,12 @@ def load_run_base(info: dict):
     return base, tokenizer
 
 
-def load_run(run_dir: str | Path):
+def load_run(run_dir: str | Path, allow_base_mismatch: bool = False):
     """(model in eval mode, tokenizer, task_info) of a finished run.
 
     Diff runs give a `DiffModel` over a fresh copy of the base, full runs the saved checkpoint, LoRA
-    runs a PEFT model; each takes tokenizer output and returns ``.logits``.
+    runs a PEFT model; each takes tokenizer output and returns ``.logits``. `allow_base_mismatch` uses a
+    diff on a base whose fingerprint differs (the CLI's ``--allow-base-mismatch``).
     """
     run_dir = Path(run_dir)
     info = read_task_info(run_dir)
@@ -227,16 +250,9 @@ def load_run(run_dir: str | Path):
 
         diff = SparseDiff.load(run_dir)
         base, tokenizer = load_run_base(info)
-        model = DiffModel.from_sparse_diff(base, diff)
+        model = DiffModel.from_sparse_diff(base, diff, allow_base_mismatch=allow_base_mismatch)
     elif kind == "full":
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        import torch
-
-        path = run_dir / MODEL_DIR
-        with hf_quiet():
-            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+        model, tokenizer = load_pretrained(str((run_dir / MODEL_DIR).resolve()))
     else:
         try:
             from peft import PeftModel

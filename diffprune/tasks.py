@@ -4,7 +4,9 @@ GLUE comes from a local folder laid out as ``<data_dir>/<task>/{train,validation
 header line, no quoting, Hugging Face ``glue`` column names; MNLI's validation file is
 ``validation_matched.tsv``) or, without a folder, from the Hugging Face hub (``nyu-mll/glue``).
 Custom data is a CSV, TSV or JSON Lines file per split with one or two text columns and a label
-column; the label set is inferred from the training file (floats -> regression).
+column; the task type is given (``task_type``, the CLI's ``--task-type``) or inferred from the training
+file's labels (integer ids or names -> classification, non-integer numbers -> regression; a file of mostly
+integer ids with a few non-integers is refused as ambiguous), and the choice is recorded with its reason.
 
 Every file is checked before anything is trained: existence, UTF-8, header and columns, row shape
 and labels. Problems raise `DataError` with the file, line and column and what to do about it.
@@ -26,6 +28,10 @@ GLUE_HUB_ID = "nyu-mll/glue"
 CLASSIFICATION, REGRESSION = "classification", "regression"
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
 _MAX_CLASSES = 1000
+TASK_TYPES = (CLASSIFICATION, REGRESSION)
+AMBIGUOUS_FRACTION = 0.1
+"""Inference refuses numeric labels of which fewer than this fraction are non-integers (e.g. 0/1 ids and
+one 1.5): a typo in a classification file and a regression target are both plausible."""
 
 
 class DataError(DiffPruneError, ValueError):
@@ -354,10 +360,12 @@ def _label_name(value) -> str:
     return str(value).strip()
 
 
-def infer_labels(raw, lines, path, column) -> tuple[str, list[str]]:
-    """(task_type, label names) from a training file's labels: floats -> regression, else the sorted label set."""
-    if any(_is_float_label(v) for v in raw):
-        return REGRESSION, []
+def _is_integer_valued(value) -> bool:
+    x = _as_number(value)
+    return x is not None and math.isfinite(float(x)) and float(x).is_integer()
+
+
+def _class_names(raw, lines, path, column) -> list[str]:
     names = sorted({_label_name(v) for v in raw})
     if all(_INT_RE.match(n) for n in names):
         names = sorted(names, key=int)
@@ -372,9 +380,60 @@ def infer_labels(raw, lines, path, column) -> tuple[str, list[str]]:
     if len(names) > _MAX_CLASSES:
         raise DataError(
             f"{path}, column {column!r}: {len(names)} different labels; is {column!r} really the label column? "
-            "(use --label-column)"
+            "(use --label-column, or --task-type regression for numeric targets)"
         )
-    return CLASSIFICATION, names
+    return names
+
+
+def _shown(names, n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def infer_labels(raw, lines, path, column, task_type: str | None = None) -> tuple[str, list[str], str]:
+    """(task_type, label names, why) from a training file's labels, or checked against `task_type`.
+
+    Inferred: labels that are all integers or names are classes; numeric labels with non-integers are a
+    regression target, unless fewer than `AMBIGUOUS_FRACTION` of them are non-integers: such a file (0/1
+    class ids and a stray 1.5) is refused, naming the lines, until `task_type` decides."""
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise DataError(f"--task-type {task_type!r} is not one of {', '.join(TASK_TYPES)}")
+    if task_type == REGRESSION:
+        return REGRESSION, [], "given (--task-type regression)"
+    if task_type == CLASSIFICATION:
+        names = _class_names(raw, lines, path, column)
+        return CLASSIFICATION, names, f"given (--task-type classification); {len(names)} labels: {_shown(names)}"
+    floats = [i for i, v in enumerate(raw) if _is_float_label(v)]
+    if not floats:
+        names = _class_names(raw, lines, path, column)
+        kind = "integer class ids" if all(_INT_RE.match(n) for n in names) else "names"
+        return CLASSIFICATION, names, f"inferred: the labels are {len(names)} {kind} ({_shown(names)})"
+    numeric = [v for v in raw if _as_number(v) is not None]
+    if len(numeric) == len(raw):
+        fractional = [i for i in floats if not _is_integer_valued(raw[i])]
+        if not fractional:
+            raise DataError(
+                f"{path}, column {column!r}: every label is a whole number but some are written as decimals "
+                f"({_label_name(raw[floats[0]]) if not isinstance(raw[floats[0]], float) else raw[floats[0]]} on line "
+                f"{lines[floats[0]]}): class ids or a numeric target? Pass --task-type classification or "
+                "--task-type regression"
+            )
+        if len(fractional) < AMBIGUOUS_FRACTION * len(raw):
+            where = ", ".join(str(lines[i]) for i in fractional[:5]) + (" ..." if len(fractional) > 5 else "")
+            shown = ", ".join(_label_name(raw[i]) for i in fractional[:3])
+            raise DataError(
+                f"{path}, column {column!r}: the labels are integer class ids except {len(fractional)} of "
+                f"{len(raw)} ({shown} on line(s) {where}); is this classification with a typo, or regression? "
+                "Fix those lines, or pass --task-type classification or --task-type regression"
+            )
+        return REGRESSION, [], (f"inferred: {len(fractional)} of {len(raw)} labels are non-integer numbers "
+                                f"(e.g. {_label_name(raw[fractional[0]])}); --task-type classification to override")
+    i = next(i for i, v in enumerate(raw) if _as_number(v) is None)
+    j = floats[0]
+    raise DataError(
+        f"{_where(path, lines[i], column)}: label {_label_name(raw[i])!r} is not a number, but other labels are "
+        f"non-integer numbers as in a regression task ({_label_name(raw[j])} on line {lines[j]}); fix that row, or "
+        "pass --task-type classification to treat every label as a class name"
+    )
 
 
 def encode_labels(raw, lines, spec: TaskSpec, path) -> list:
@@ -450,18 +509,30 @@ def load_task(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     custom_name: str = "custom",
+    task_type: str | None = None,
 ) -> TaskData:
     """Load and validate a task's train and validation splits.
 
     * ``task`` alone: GLUE from ``data_dir`` if given, else from the Hugging Face hub.
     * ``train_file`` + ``validation_file`` (+ ``text_columns``, ``label_column``): your own data; with a GLUE
       ``task`` its columns, labels and metrics apply, otherwise the labels are inferred from the training file.
+    * ``task_type`` (classification / regression) decides the task type of your own data instead of inferring
+      it; with a GLUE task it must be that task's.
+
+    ``TaskData.source["task_type_from"]`` says how the task type was decided.
     """
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise DataError(f"--task-type {task_type!r} is not one of {', '.join(TASK_TYPES)}")
+    if task is not None and task_type is not None and task in GLUE_TASKS and GLUE_TASKS[task].task_type != task_type:
+        raise DataError(
+            f"--task-type {task_type} contradicts GLUE {task}, a {GLUE_TASKS[task].task_type} task; leave out --task-type"
+        )
     if train_file is None and validation_file is not None:
         raise DataError("--validation-file needs --train-file too")
     if train_file is not None:
-        return _load_custom(task, data_dir, train_file, validation_file, text_columns, label_column,
-                            max_train_samples, max_eval_samples, custom_name)
+        data = _load_custom(task, data_dir, train_file, validation_file, text_columns, label_column,
+                            max_train_samples, max_eval_samples, custom_name, task_type)
+        return data
     if task is None:
         raise DataError(
             f"no task: pass --task (one of {', '.join(GLUE_TASKS)}) or your own data with --train-file and "
@@ -471,8 +542,11 @@ def load_task(
     if text_columns or label_column:
         spec = _override_columns(spec, text_columns, label_column)
     if data_dir is not None:
-        return _load_glue_dir(spec, Path(data_dir), max_train_samples, max_eval_samples)
-    return _load_glue_hub(spec, max_train_samples, max_eval_samples)
+        data = _load_glue_dir(spec, Path(data_dir), max_train_samples, max_eval_samples)
+    else:
+        data = _load_glue_hub(spec, max_train_samples, max_eval_samples)
+    data.source.update(task_type=spec.task_type, task_type_from=f"the GLUE {spec.name} task")
+    return data
 
 
 def _override_columns(spec: TaskSpec, text_columns, label_column) -> TaskSpec:
@@ -538,7 +612,7 @@ def _load_glue_hub(spec: TaskSpec, max_train, max_eval) -> TaskData:
 
 
 def _load_custom(task, data_dir, train_file, validation_file, text_columns, label_column, max_train, max_eval,
-                 custom_name) -> TaskData:
+                 custom_name, task_type=None) -> TaskData:
     if data_dir is not None:
         raise DataError("--data-dir is for GLUE tasks; with --train-file leave it out")
     if validation_file is None:
@@ -549,6 +623,7 @@ def _load_custom(task, data_dir, train_file, validation_file, text_columns, labe
             spec = _override_columns(spec, text_columns, label_column)
         train = _subset(load_split(train_file, spec, "training file"), max_train)
         val = _subset(load_split(validation_file, spec, "validation file"), max_eval)
+        why = f"the GLUE {spec.name} task"
     else:
         if not text_columns:
             raise DataError("--train-file needs --text-columns (one or two columns holding the text)")
@@ -557,12 +632,12 @@ def _load_custom(task, data_dir, train_file, validation_file, text_columns, labe
         if label_column in cols:
             raise DataError(f"--label-column {label_column!r} is also a text column")
         ds, lines, raw = read_file(train_file, cols, label_column, "training file")
-        task_type, labels = infer_labels(raw, lines, Path(train_file), label_column)
+        task_type, labels, why = infer_labels(raw, lines, Path(train_file), label_column, task_type)
         spec = custom_spec(custom_name, cols, label_column, task_type, labels)
         train = _subset(ds.add_column("labels", encode_labels(raw, lines, spec, train_file)), max_train)
         val = _subset(load_split(validation_file, spec, "validation file"), max_eval)
-    return TaskData(spec, train, val, {"train_file": str(Path(train_file).resolve()),
-                                       "validation_file": str(Path(validation_file).resolve())})
+    source = {"train_file": str(Path(train_file).resolve()), "validation_file": str(Path(validation_file).resolve())}
+    return TaskData(spec, train, val, {**source, "task_type": spec.task_type, "task_type_from": why})
 
 
 def spec_from_info(info: dict, label_column: str | None = None, text_columns=None) -> TaskSpec:

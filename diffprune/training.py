@@ -103,6 +103,8 @@ class TrainConfig:
     lora_dropout: float = 0.1
     debug_rank_hashes: bool = False
     """Tests: every process writes a hash of its final trainable state to RUN_DIR/rank-hashes/."""
+    task_type: str | None = None
+    """Your own data: "classification" or "regression"; None infers it from the training labels."""
 
     def resolved_lr(self) -> float:
         return float(self.lr) if self.lr is not None else DEFAULT_LR[self.method]
@@ -133,6 +135,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} must be a positive number")
+        if self.task_type not in (None, "classification", "regression"):
+            raise ConfigError(f"--task-type {self.task_type!r} must be classification or regression")
         if not (self.max_grad_norm > 0):
             raise ConfigError(f"max_grad_norm {self.max_grad_norm!r} must be > 0")
 
@@ -145,7 +149,7 @@ _RESUME_KEYS = (
     "task", "data_dir", "model", "method", "target_sparsity", "l0_lambda", "group_penalty", "epochs", "fixmask_epochs", "lr",
     "alpha_lr", "fixmask_lr", "batch_size", "max_seq_length", "max_train_samples", "seed", "train_file",
     "validation_file", "text_columns", "label_column", "max_eval_samples", "head_lr", "max_grad_norm", "lora_r",
-    "lora_alpha", "lora_dropout",
+    "lora_alpha", "lora_dropout", "task_type",
 )
 
 # Settings whose default changed after runs had been made without recording them: a checkpoint or
@@ -177,6 +181,41 @@ class Position:
 
 
 # ---- small helpers -------------------------------------------------------------------------------
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+class _RunClock:
+    """The whole run's ETA (every phase, epoch and validation still to come), from this process's pace.
+
+    The per-epoch bar's own ETA covers its epoch only; this one covers the run: steps left x the mean
+    step time measured since this process started (a resumed run measures afresh), plus the
+    validations left x the mean validation time once one has been timed."""
+
+    def __init__(self, phases: list[Phase], steps_per_epoch: int, pos: Position, has_projection: bool):
+        self.total_steps = sum(p.epochs for p in phases) * steps_per_epoch
+        self.total_evals = sum(p.epochs for p in phases) + (1 if has_projection else 0)
+        self.start_step, self.start_train, self.start_eval = pos.global_step, pos.train_seconds, pos.eval_seconds
+        self.start_evals = len(pos.epoch_records) + (1 if pos.after_projection else 0)
+
+    def eta(self, pos: Position) -> float | None:
+        steps = pos.global_step - self.start_step
+        if steps <= 0:
+            return None
+        left = (self.total_steps - pos.global_step) * (pos.train_seconds - self.start_train) / steps
+        evals_done = len(pos.epoch_records) + (1 if pos.after_projection else 0)
+        timed = evals_done - self.start_evals
+        if timed > 0:
+            left += (self.total_evals - evals_done) * (pos.eval_seconds - self.start_eval) / timed
+        return left
+
+    def describe(self, phases: list[Phase], steps_per_epoch: int) -> str:
+        parts = ", ".join(f"{p.name} {p.epochs} x {steps_per_epoch}" for p in phases if p.epochs)
+        return f"{self.total_steps:,} steps in all ({parts} epochs x steps) and {self.total_evals} validations"
+
+
 def _is_main(acc) -> bool:
     return acc.is_main_process
 
@@ -389,7 +428,12 @@ def _check_output_dir(cfg: TrainConfig) -> Path | None:
             raise TrainError(f"{out} holds a finished run (metrics.json); nothing to resume. Use --overwrite to train again")
         if nonempty and not runs.is_run_dir(out):
             raise TrainError(f"--output-dir {out} exists and is not a diffprune run directory; choose another")
-        return None  # no checkpoint yet (killed before the first one): start from the beginning
+        if not nonempty:
+            raise TrainError(
+                f"--resume: there is no run in {out} to resume (no such directory, or it is empty); "
+                "leave out --resume to start a new run there"
+            )
+        return None  # a run killed before its first checkpoint: start from the beginning (train() says so)
     if nonempty:
         if not cfg.overwrite:
             raise TrainError(
@@ -447,7 +491,10 @@ def build_model(method: str, base, missing: list[str], cfg: TrainConfig):
         task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=_lora_targets(base), modules_to_save=heads or None,
     )
-    return get_peft_model(base, lcfg)
+    try:
+        return get_peft_model(base, lcfg)
+    except ValueError as e:
+        raise TrainError(f"--method lora cannot wrap {type(base).__name__}: {e}") from e
 
 
 def _freeze_empty_slots(model) -> None:
@@ -535,10 +582,16 @@ def train(cfg: TrainConfig) -> dict:
     base_model = runs.resolve_model(cfg.model)
     with acc.main_process_first():
         data = load_task(cfg.task, cfg.data_dir, cfg.train_file, cfg.validation_file, cfg.text_columns,
-                         cfg.label_column, cfg.max_train_samples, cfg.max_eval_samples, _custom_name(cfg))
+                         cfg.label_column, cfg.max_train_samples, cfg.max_eval_samples, _custom_name(cfg),
+                         task_type=cfg.task_type)
     spec = data.spec
+    if main and cfg.progress:
+        print(f"task {spec.name}: {spec.task_type} ({data.source.get('task_type_from', '')})", file=sys.stderr)
     settings = _settings(cfg, base_model)
     ckpt_state = _read_checkpoint(ckpt, settings, world) if ckpt is not None else None
+    if cfg.resume and ckpt is None and main and cfg.progress:
+        print(f"--resume: {out} has no checkpoint yet (the run stopped before its first one); "
+              "starting from the beginning", file=sys.stderr)
     set_seed(cfg.seed)
     base, tokenizer, missing = runs.load_base(base_model, spec.num_labels, spec.labels, spec.task_type, seed=cfg.seed)
     with runs.hf_quiet():
@@ -592,6 +645,10 @@ def train(cfg: TrainConfig) -> dict:
 
     changed_since_eval = True
     last_metrics = None
+    clock = _RunClock(phases, steps_per_epoch, pos, cfg.method in runs.DIFF_METHODS)
+    if show:
+        print(f"training: {clock.describe(phases, steps_per_epoch)}; the bars show the whole run's ETA as 'run ETA'",
+              file=sys.stderr)
     for pi, phase in enumerate(phases):
         if pi < pos.phase:
             continue
@@ -661,6 +718,9 @@ def train(cfg: TrainConfig) -> dict:
                     if main:
                         _log(log_path, rec)
                     shown = {"density": f"{density:.3%}"} if density is not None else {}
+                    eta = clock.eta(pos)
+                    if eta is not None:
+                        shown["run ETA"] = _hms(eta)
                     bar.set_postfix({"loss": f"{mean_loss:.4f}", **shown,
                                      "ex/s": f"{rate:.1f}"}, refresh=False)
                     loss_sum, loss_n, seen, t_log = 0.0, 0, 0, time.time()

@@ -17,6 +17,8 @@ run was trained with; --task/--data-dir picks a GLUE validation set, --file any 
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..cli import add_base_mismatch_flag
+
     p = subparsers.add_parser("eval", help="score a trained run on validation data or a file", description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="output directory of diffprune train")
@@ -28,6 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, help="score only the first N examples")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--output", help="also write the JSON to this file")
+    add_base_mismatch_flag(p)
     p.set_defaults(run=run)
     return p
 
@@ -75,7 +78,7 @@ def evaluate_run(args) -> dict:
     ds, source = _validation_data(args, info, spec)
     if args.max_samples:
         ds = ds.select(range(min(args.max_samples, len(ds))))
-    model, tokenizer, info = load_run(args.run_dir)
+    model, tokenizer, info = load_run(args.run_dir, allow_base_mismatch=args.allow_base_mismatch)
     enc = encode_dataset(tokenizer, ds, spec.text_columns, int(info["max_seq_length"]))
     outputs = predict_outputs(model, enc, pad_id(tokenizer), args.batch_size)
     metrics = task_metrics(spec, outputs.tolist(), enc.labels)

@@ -14,11 +14,14 @@ LoRA runs are merged too; full-finetuning runs already are one (RUN_DIR/model).
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..cli import add_base_mismatch_flag
+
     p = subparsers.add_parser("merge", help="write base + diff as an ordinary transformers checkpoint",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="output directory of diffprune train")
     p.add_argument("--output-dir", required=True, help="directory to write the checkpoint to")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an existing --output-dir")
+    add_base_mismatch_flag(p)
     p.set_defaults(run=run)
     return p
 
@@ -37,7 +40,7 @@ def run(args) -> int:
         raise RunError(f"--output-dir {out} already exists; pass --overwrite to write into it, or choose another")
     if out.resolve() == Path(args.run_dir).resolve():
         raise RunError("--output-dir must differ from RUN_DIR")
-    model, tokenizer, info = load_run(args.run_dir)
+    model, tokenizer, info = load_run(args.run_dir, allow_base_mismatch=args.allow_base_mismatch)
     with hf_quiet():
         merged = model.merge_and_unload()
         merged.config.problem_type = "regression" if info["task_type"] == "regression" else "single_label_classification"

@@ -17,6 +17,8 @@ classification {"label": ..., "label_id": ..., "probabilities": {label: p, ...}}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..cli import add_base_mismatch_flag
+
     p = subparsers.add_parser("predict", help="predict labels for texts or a file (JSON lines)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="output directory of diffprune train")
@@ -26,6 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--text-columns", nargs="+", metavar="COLUMN", help="text columns of --file (default: the run's)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--output", help="write the JSON lines to this file instead of standard output")
+    add_base_mismatch_flag(p)
     p.set_defaults(run=run)
     return p
 
@@ -76,7 +79,7 @@ def run(args) -> int:
         rows = [[args.text] + ([args.text_pair] if n_texts == 2 else [])]
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size} must be >= 1")
-    model, tokenizer, info = load_run(args.run_dir)
+    model, tokenizer, info = load_run(args.run_dir, allow_base_mismatch=args.allow_base_mismatch)
     results = predictions(model, tokenizer, info, rows, args.batch_size)
     lines = [json.dumps({"index": i, **r}) if args.file else json.dumps(r) for i, r in enumerate(results)]
     text = "\n".join(lines) + "\n"

@@ -21,6 +21,8 @@ together are batched. OpenAPI page at http://HOST:PORT/docs.
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..cli import add_base_mismatch_flag
+
     p = subparsers.add_parser(
         "serve",
         help="serve many tasks (one base model + sparse diffs) over HTTP",
@@ -47,6 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=4096, help="most queued inputs; beyond it -> 503")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_base_mismatch_flag(p)
     p.set_defaults(run=run)
     return p
 
@@ -115,7 +118,7 @@ def run(args) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"diffprune serve: loading base {base}", file=sys.stderr)
-    model = MultiTaskModel(base)
+    model = MultiTaskModel(base, allow_base_mismatch=args.allow_base_mismatch)
     for name, (_, path, diff) in zip(names, diffs):
         info = model.add_task(name, diff, run_dir=path)
         print(f"diffprune serve: task {name}: {info['task_type']}, nnz {info['nnz']:,}, from {path}", file=sys.stderr)

@@ -41,7 +41,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--train-file", help="your training data: .csv, .tsv or .jsonl")
     g.add_argument("--validation-file", help="your validation data (same columns)")
     g.add_argument("--text-columns", nargs="+", metavar="COLUMN", help="one or two text columns")
-    g.add_argument("--label-column", help="label column (default: label); floats mean regression")
+    g.add_argument("--label-column", help="label column (default: label)")
+    g.add_argument("--task-type", choices=["classification", "regression"], default=None,
+                   help="for your own data: classification or regression (default: inferred from the training "
+                        "labels - integer ids or names are classes, non-integer numbers a regression target - and "
+                        "printed first)")
     g.add_argument("--max-train-samples", type=int, help="use only the first N training examples")
     g.add_argument("--max-eval-samples", type=int, help="use only the first N validation examples")
     g = p.add_argument_group("model and method")
@@ -94,7 +98,7 @@ def run(args) -> int:
         progress=not args.no_progress, train_file=args.train_file, validation_file=args.validation_file,
         text_columns=args.text_columns, label_column=args.label_column, max_eval_samples=args.max_eval_samples,
         head_lr=args.head_lr, eval_batch_size=args.eval_batch_size, log_steps=args.log_steps,
-        debug_rank_hashes=args.debug_rank_hashes,
+        debug_rank_hashes=args.debug_rank_hashes, task_type=args.task_type,
     )
     metrics = train(cfg)
     if metrics is not None:

@@ -220,17 +220,11 @@ def check_task_name(name: str) -> str:
 
 
 def load_base_model(base_model: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """The base checkpoint as ``AutoModelForSequenceClassification`` (eval mode) and its tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """The base checkpoint as ``AutoModelForSequenceClassification`` (eval mode) and its tokenizer
+    (`runs.load_pretrained`: a model that cannot be found or read is a `RunError` with the fix)."""
+    from ..runs import load_pretrained
 
-    from ..runs import hf_quiet, model_location
-
-    location = model_location(str(base_model))
-    # quiet: "newly initialized classifier" is expected (every task brings its head), and no
-    # "Loading weights" bar in the server's output
-    with hf_quiet():
-        model = AutoModelForSequenceClassification.from_pretrained(location, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(location)
+    model, tokenizer = load_pretrained(base_model, dtype=dtype)
     return model.eval(), tokenizer
 
 
@@ -251,6 +245,7 @@ class MultiTaskModel:
         *,
         tokenizer=None,
         default_max_seq_length: int = 128,
+        allow_base_mismatch: bool = False,
     ):
         if isinstance(base_model, (str, os.PathLike)):
             self.base_model_id: str | None = str(base_model)
@@ -266,6 +261,8 @@ class MultiTaskModel:
             p.requires_grad_(False)
         self.tokenizer = tokenizer
         self.default_max_seq_length = default_max_seq_length
+        self.allow_base_mismatch = allow_base_mismatch
+        """Accept diffs whose base fingerprint differs from this base's (names and shapes are still checked)."""
         self._lock = threading.RLock()  # model weights: switch + forward
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe to call from several threads
         self._tasks: dict[str, _Task] = {}
@@ -434,12 +431,13 @@ class MultiTaskModel:
         fp = self._fingerprints.get(key)
         if fp is None:
             fp = self._fingerprints[key] = model_fingerprint(self.model, diff.config)
-        if fp != diff.base_fingerprint:
+        if fp != diff.base_fingerprint and not self.allow_base_mismatch:
             raise BaseModelMismatchError(
                 "this diff was trained on a different base model: its base fingerprint is "
                 f"{diff.base_fingerprint}, the served base's is {fp}. It names "
                 f"{diff.extra.get('base_model', 'no base model')!r} as its base; the server runs "
-                f"{self.base_model_id or 'an unnamed model'!r} (same checkpoint and dtype needed)"
+                f"{self.base_model_id or 'an unnamed model'!r} (same checkpoint and dtype needed; if you know the weights "
+                "are compatible: --allow-base-mismatch on the command line, allow_base_mismatch=True in Python)"
             )
         params = dict(self.model.named_parameters())
         for pname, shape in diff.shapes.items():

@@ -30,6 +30,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..diff_file import CONFIG_FILE, DIFF_FILE
 from ..errors import BaseModelMismatchError, DiffFileError, DiffPruneError
@@ -235,7 +237,9 @@ async def _read_json(request: Request, limit: int) -> Any:
     body = b"".join(chunks)
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise HTTPException(400, "malformed JSON body: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and integers over Python's digit limit
         raise HTTPException(400, f"malformed JSON body: {e}") from None
 
 
@@ -312,6 +316,17 @@ def create_app(model: MultiTaskModel, settings: ServerSettings | None = None, **
     app.state.model = model
     app.state.batcher = batcher
     app.state.settings = settings
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette's Allow lists only the first route of the path; list them all
+            methods = set()
+            for route in app.router.routes:
+                if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+                    methods |= set(route.methods)
+            headers["Allow"] = ", ".join(sorted(methods))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
