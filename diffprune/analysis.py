@@ -50,7 +50,7 @@ def analyze(diff) -> dict:
     for name, shape in diff.shapes.items():
         numel = math.prod(shape) if shape else 1
         tensors.append({"name": name, "layer": layer_of(name), "kind": kind_of(name),
-                        "nnz": int(diff.indices[name].numel()), "numel": int(numel)})
+                        "nnz": int(diff.nnz_of(name)), "numel": int(numel)})
 
     def group(key):
         out: dict = {}
@@ -93,8 +93,12 @@ def storage(diff, diff_file: Path) -> dict:
     stored = diff_file.stat().st_size
     head = sum(t.numel() * t.element_size() for t in diff.head.values())
     full = diff.n_diffed * 4 + head
+    s = diff.summary()
+    bits = {k: s[k] for k in ("format_version", "value_dtype", "value_width_bits", "bits_per_nonzero",
+                              "position_bits_per_nonzero", "position_bound_bits_per_nonzero", "value_bits_per_nonzero")}
     return {"stored_bytes": stored, "full_copy_bytes": full, "ratio": stored / full if full else 0.0,
-            "bytes_per_nonzero": diff.bytes_per_nonzero(), **{f"{k}_bytes": v for k, v in diff.encoded_sizes().items()}}
+            "bytes_per_nonzero": s["bytes_per_nonzero"], **{f"{k}_bytes": v for k, v in diff.encoded_sizes().items()},
+            **bits}
 
 
 def _table(title: str, rows: list[dict]) -> list[str]:
@@ -116,6 +120,13 @@ def format_report(report: dict, store: dict | None = None) -> str:
             f"({store['ratio']:.2%}; {store['bytes_per_nonzero']:.2f} bytes per nonzero: "
             f"{store['positions_bytes']:,} position + {store['values_bytes']:,} value + {store['head_bytes']:,} head bytes)"
         )
+        if "position_bits_per_nonzero" in store:
+            lines.append(
+                f"bits per nonzero: {store['position_bits_per_nonzero']:.2f} position (bound log2 C(n, k): "
+                f"{store['position_bound_bits_per_nonzero']:.2f}) + {store['value_bits_per_nonzero']:.2f} value "
+                f"({store['value_dtype']}, {store['value_width_bits']}-bit) = {store['bits_per_nonzero']:.2f}; "
+                f"file format v{store['format_version']}"
+            )
     lines += [""] + _table("layer", report["layers"]) + [""] + _table("kind", report["kinds"])
     g = report["grid"]
     lines += ["", "density by layer x kind (-: no such parameters)"]

@@ -9,7 +9,7 @@ import sys
 from .errors import DiffPruneError
 
 # name -> module in diffprune.commands exposing add_parser(subparsers) and run(args) -> int
-COMMANDS = ("train", "eval", "predict", "inspect", "merge", "serve")
+COMMANDS = ("train", "eval", "predict", "inspect", "merge", "compress", "serve")
 
 
 class UsageError(DiffPruneError):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import apply as engine
 from . import gates
 from .config import DiffPruningConfig
 from .diff_file import SparseDiff
@@ -219,8 +220,8 @@ class DiffModel(nn.Module):
             for name, t in theta.items():
                 slot = self._slot(name)
                 if slot.positions.numel():
-                    flat = t.reshape(-1).index_add(0, slot.positions, slot.values.to(t.dtype))
-                    out[name] = flat.view_as(t)
+                    # differentiable w.r.t. the kept values (they train in this stage)
+                    out[name] = engine.add(t.reshape(-1), slot.positions, slot.values).view_as(t)
             return out, None
         sampling = self.training and c.use_gates
         with_l0 = with_l0 and sampling
@@ -394,10 +395,14 @@ class DiffModel(nn.Module):
             extra=dict(extra or {}),
         )
 
-    def save_pretrained(self, save_directory: str | Path, extra: dict | None = None) -> SparseDiff:
-        """Write the sparse diff and head (``diff.safetensors``, ``diff_config.json``) atomically."""
+    def save_pretrained(self, save_directory: str | Path, extra: dict | None = None,
+                        value_dtype: str = "fp32") -> SparseDiff:
+        """Write the sparse diff and head (``diff.safetensors``, ``diff_config.json``) atomically.
+
+        `value_dtype`: how the diff values are stored: "fp32" (exact, default), "bf16", "fp16" or
+        "int8" (per-block absmax scales); they load back as float32 either way."""
         sparse = self.to_sparse_diff(extra)
-        sparse.save(save_directory)
+        sparse.save(save_directory, value_dtype=value_dtype)
         return sparse
 
     @classmethod
@@ -412,10 +417,11 @@ class DiffModel(nn.Module):
             )
         params = dict(base_model.named_parameters())
         diff._check_layout(params)
+        positions = dict(engine.iter_positions(diff, dm.diff_names))  # decoded (lazily) from a loaded file
         for name in dm.diff_names:
             t = params[name]
             vals = diff.values[name].to(device=t.device)
-            dm.slots[_slot_key(name)] = _FixedSlot(diff.indices[name].to(t.device), vals)
+            dm.slots[_slot_key(name)] = _FixedSlot(positions.pop(name).to(t.device), vals)
         with torch.no_grad():
             for name, t in diff.head.items():
                 params[name].copy_(t)
@@ -431,15 +437,15 @@ class DiffModel(nn.Module):
         """Write theta + delta into the wrapped model's weights and return it as a plain model."""
         if self._unloaded:
             raise DiffModeError("merge_and_unload() was already called")
+        theta = self._theta()
         if self.stage == "fixed":
-            for name, t in self._theta().items():
+            for name, t in theta.items():
                 slot = self._slot(name)
-                flat = t.data.view(-1)
-                flat[slot.positions] = flat[slot.positions] + slot.values.to(t.dtype)
-        else:
-            for name, d in self.delta().items():
-                t = self._theta()[name]
-                t.data.add_(d.to(t.dtype))
+                if slot.positions.numel():
+                    engine.add_(t.data.view(-1), slot.positions, slot.values, backup=False)
+        else:  # dense diff: one tensor's delta at a time
+            for name, t in theta.items():
+                t.data.add_(self._delta_l0_eval(name).detach().to(t.dtype))
         for p in self.model.parameters():
             p.requires_grad_(True)
         self._unloaded = True

@@ -103,6 +103,8 @@ class TrainConfig:
     lora_dropout: float = 0.1
     debug_rank_hashes: bool = False
     """Tests: every process writes a hash of its final trainable state to RUN_DIR/rank-hashes/."""
+    value_dtype: str = "fp32"
+    """Diff methods: how diff.safetensors stores the values (fp32, bf16, fp16, int8; see `SparseDiff.save`)."""
     task_type: str | None = None
     """Your own data: "classification" or "regression"; None infers it from the training labels."""
 
@@ -137,6 +139,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} must be a positive number")
         if self.task_type not in (None, "classification", "regression"):
             raise ConfigError(f"--task-type {self.task_type!r} must be classification or regression")
+        if self.value_dtype not in ("fp32", "bf16", "fp16", "int8"):
+            raise ConfigError(f"--value-dtype {self.value_dtype!r} is not one of fp32, bf16, fp16, int8")
         if not (self.max_grad_norm > 0):
             raise ConfigError(f"max_grad_norm {self.max_grad_norm!r} must be > 0")
 
@@ -783,7 +787,7 @@ def _finish(cfg, out: Path, model, tokenizer, spec, task_info, data, pos: Positi
     if isinstance(model, DiffModel):
         extra = {k: task_info[k] for k in runs.TASK_INFO_KEYS}
         extra.update(label_column=task_info["label_column"], glue=task_info["glue"])
-        sparse = model.save_pretrained(out, extra=extra)
+        sparse = model.save_pretrained(out, extra=extra, value_dtype=cfg.value_dtype)
         head = sum(t.numel() for t in sparse.head.values())
         nnz, n, c = sparse.nnz, model.n_diffed, model.config
         # what the optimiser updated in the first phase: w (+ alpha, + one group logit per tensor) and the head

@@ -74,6 +74,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per process per step (default 8)")
     g.add_argument("--max-seq-length", type=int, default=d.max_seq_length, help="tokens per example (default 128)")
     g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--value-dtype", choices=("fp32", "bf16", "fp16", "int8"), default=d.value_dtype,
+                   help="how the diff file stores the values (default fp32, exact; bf16/fp16 halve them; int8 with "
+                        "per-block scales quarters them; see also `diffprune compress`)")
     g = p.add_argument_group("running")
     g.add_argument("--save-steps", type=int, default=d.save_steps,
                    help="checkpoint every N steps (default 500; 0: only at epoch ends)")
@@ -99,6 +102,7 @@ def run(args) -> int:
         text_columns=args.text_columns, label_column=args.label_column, max_eval_samples=args.max_eval_samples,
         head_lr=args.head_lr, eval_batch_size=args.eval_batch_size, log_steps=args.log_steps,
         debug_rank_hashes=args.debug_rank_hashes, task_type=args.task_type,
+        value_dtype=args.value_dtype,
     )
     metrics = train(cfg)
     if metrics is not None:

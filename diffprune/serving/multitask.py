@@ -3,7 +3,7 @@
 How a batch for task t runs
 ---------------------------
 The base model's weights are edited in place: t's diff is applied (theta[idx] = theta[idx] + delta,
-precomputed once when the task is added, so a switch is a pure scatter of stored values), t's head
+computed by `diffprune.apply` once when the task is added, so a switch is a pure scatter of stored values), t's head
 parameters are swapped in (the head ``Parameter`` objects are replaced on their modules, so heads of
 any shape work), the forward runs, and t stays applied until another task needs the model. Switching
 from t to u writes the stored base values back over t's positions (bit-exact: they are the values
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import apply as engine
 from ..diff_file import DIFF_FILE, SparseDiff
 from ..errors import BaseModelMismatchError, DiffFileError, DiffPruneError
 from ..fingerprint import model_fingerprint
@@ -102,8 +103,8 @@ class _Patch:
             raise DiffPruneError("MultiTaskModel needs contiguous parameters (call .contiguous() on the base)")
         flat = data.view(-1)
         idx = idx.to(device=flat.device, dtype=torch.int64).contiguous()
-        base = flat[idx].clone()
-        merged = base + values.to(device=flat.device, dtype=flat.dtype)  # the same op as merge_and_unload
+        base = engine.gather(flat, idx)
+        merged = engine.merged(base, values)  # the same op as merge_and_unload and SparseDiff.apply_
         # On CPU a numpy scatter is single-threaded and has no dispatcher overhead: ~2x faster
         # than index_copy_ for these sizes, and it does not wake the intra-op thread pool.
         self.use_numpy = flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64, torch.float16)
@@ -119,13 +120,13 @@ class _Patch:
         if self.use_numpy:
             self.flat[self.scratch.widen(self.idx)] = self.merged
         else:
-            self.flat.index_copy_(0, self.idx, self.merged)
+            engine.write_(self.flat, self.idx, self.merged)
 
     def revert(self) -> None:
         if self.use_numpy:
             self.flat[self.scratch.widen(self.idx)] = self.base
         else:
-            self.flat.index_copy_(0, self.idx, self.base)
+            engine.write_(self.flat, self.idx, self.base)
 
     @property
     def nbytes(self) -> int:
@@ -356,13 +357,11 @@ class MultiTaskModel:
             self._check_base(diff)
             params = dict(self.model.named_parameters())
             patches = []
-            for pname, idx in diff.indices.items():
-                if idx.numel() == 0:
-                    continue
+            for pname, idx, values in engine.iter_diff(diff):  # positions decoded one tensor at a time
                 p = params[pname]
                 if int(idx.max()) >= p.numel() or int(idx.min()) < 0:
                     raise DiffFileError(f"diff positions of {pname!r} are out of range for its shape {tuple(p.shape)}")
-                patches.append(_Patch(p, idx, diff.values[pname], self._scratch))
+                patches.append(_Patch(p, idx, values, self._scratch))
             heads = []
             for hname, tensor in diff.head.items():
                 module, attr = _resolve_param(self.model, hname)
