@@ -257,6 +257,20 @@ def _arange(m: int) -> np.ndarray:
     return _ARANGE[:m]
 
 
+def _low_bits(low: np.ndarray, off: np.ndarray, r: int) -> np.ndarray:
+    """The r-bit fields starting at bit offsets `off` of the LSB-first byte array `low` (int64; `off`
+    is consumed). At most (r + 14) // 8 byte gathers, no loop per entry."""
+    byte = off >> 3
+    acc = np.take(low, byte, mode="clip").astype(np.int64)
+    for j in range(1, (r + 14) // 8):
+        byte += 1
+        acc |= np.take(low, byte, mode="clip").astype(np.int64) << (8 * j)
+    off &= 7
+    acc >>= off
+    acc &= (1 << r) - 1
+    return acc
+
+
 def _rice_positions_fast(low: np.ndarray, high: np.ndarray, m: int, r: int) -> np.ndarray:
     """Positions from a validated "rice" stream, in few numpy passes:
     p_i = ((ones_i - i) << r) + sum_{j<=i} low_j + i, where ones_i is the i-th set unary bit."""
@@ -268,15 +282,7 @@ def _rice_positions_fast(low: np.ndarray, high: np.ndarray, m: int, r: int) -> n
     if r:
         pos -= ar
         pos <<= r
-        off = ar * r
-        byte = off >> 3
-        acc = np.take(low, byte, mode="clip").astype(np.int64)
-        for j in range(1, (r + 14) // 8):
-            byte += 1
-            acc |= np.take(low, byte, mode="clip").astype(np.int64) << (8 * j)
-        off &= 7
-        acc >>= off
-        acc &= (1 << r) - 1
+        acc = _low_bits(low, ar * r, r)
         pos += np.cumsum(acc, out=acc)
         pos += ar
     return pos
@@ -305,14 +311,7 @@ def decode_rice_batch(streams: list[tuple[np.ndarray, np.ndarray, int]], r: int)
         pos <<= r
         off = local * r
         off += np.repeat(8 * (np.cumsum(lbytes) - lbytes), ms)
-        byte = off >> 3
-        acc = np.take(low, byte, mode="clip").astype(np.int64)
-        for j in range(1, (r + 14) // 8):
-            byte += 1
-            acc |= np.take(low, byte, mode="clip").astype(np.int64) << (8 * j)
-        off &= 7
-        acc >>= off
-        acc &= (1 << r) - 1
+        acc = _low_bits(low, off, r)
         cs = np.cumsum(acc, out=acc)
         before = np.zeros(len(streams), dtype=np.int64)
         before[1:] = cs[starts[1:] - 1]
