@@ -5,14 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._io import atomic_write_text
+from .methods import METHODS
 
-_METHOD_TEXT = {
-    "diff": "diff pruning (L0-regularised sparse diff, projection, fixed-mask finetuning)",
-    "structured": "structured diff pruning (per-tensor group gates, projection, fixed-mask finetuning)",
-    "magnitude": "non-adaptive diff pruning (full finetuning, keep the largest |diff|, fixed-mask finetuning)",
-    "full": "full finetuning",
-    "lora": "LoRA (PEFT)",
-}
+_METHOD_TEXT = {name: m.description for name, m in METHODS.items()}
 
 
 def _bytes(n: int) -> str:

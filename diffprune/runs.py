@@ -25,6 +25,7 @@ import os
 import warnings
 from pathlib import Path
 
+from . import methods as _methods
 from ._io import atomic_write_text
 from .errors import DiffPruneError
 
@@ -33,12 +34,12 @@ METRICS_FILE = "metrics.json"
 LOG_FILE = "train_log.jsonl"
 CARD_FILE = "README.md"
 CHECKPOINT_DIR = "checkpoint"
-MODEL_DIR = "model"
-ADAPTER_DIR = "adapter"
+MODEL_DIR = _methods.MODEL_DIR
+ADAPTER_DIR = _methods.ADAPTER_DIR
 RUN_FORMAT = "diffprune.run"
 
-DIFF_METHODS = ("diff", "structured", "magnitude")
-METHODS = DIFF_METHODS + ("full", "lora")
+DIFF_METHODS = _methods.DIFF_METHODS
+METHODS = tuple(_methods.METHODS)
 TASK_INFO_KEYS = ("base_model", "task", "task_type", "labels", "text_columns", "max_seq_length", "method")
 """The keys of a diff's ``extra`` metadata (and of `load_run`'s task_info) that other tools rely on."""
 
@@ -124,13 +125,11 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def run_method(run_dir: Path) -> str:
+    """The name of the method that loads a run directory: its artefact's (diff / lora / full)."""
     run_dir = Path(run_dir)
-    if (run_dir / "diff.safetensors").exists():
-        return "diff"
-    if (run_dir / ADAPTER_DIR).is_dir():
-        return "lora"
-    if (run_dir / MODEL_DIR).is_dir():
-        return "full"
+    for artefact, name in _methods.ARTEFACTS.items():
+        if (run_dir / name).exists():
+            return _methods.method_of_artefact(artefact).name
     if not run_dir.exists():
         raise RunError(f"{run_dir} does not exist; pass the --output-dir of a finished `diffprune train`")
     hint = " (training has not finished: resume it with --resume)" if (run_dir / CHECKPOINT_DIR).exists() else ""
@@ -243,32 +242,13 @@ def load_run(run_dir: str | Path, allow_base_mismatch: bool = False):
     """
     run_dir = Path(run_dir)
     info = read_task_info(run_dir)
-    kind = run_method(run_dir)
-    if kind == "diff":
-        from .diff_file import SparseDiff
-        from .model import DiffModel
-
-        diff = SparseDiff.load(run_dir)
-        base, tokenizer = load_run_base(info)
-        model = DiffModel.from_sparse_diff(base, diff, allow_base_mismatch=allow_base_mismatch)
-    elif kind == "full":
-        model, tokenizer = load_pretrained(str((run_dir / MODEL_DIR).resolve()))
-    else:
-        try:
-            from peft import PeftModel
-        except ImportError as e:
-            raise RunError("this is a LoRA run: loading it needs peft (pip install peft)") from e
-        base, tokenizer = load_run_base(info)
-        with hf_quiet():
-            model = PeftModel.from_pretrained(base, run_dir / ADAPTER_DIR)
+    try:
+        model, tokenizer = _methods.get_method(run_method(run_dir)).load(run_dir, info, allow_base_mismatch)
+    except _methods.MethodError as e:
+        raise RunError(f"{run_dir}: {e}") from e
     return model.eval(), tokenizer, info
 
 
 def stored_bytes(run_dir: Path, method: str) -> int:
     """Bytes of the task's artefact on disk: the diff file, the full checkpoint's weights, or the adapter."""
-    run_dir = Path(run_dir)
-    if method in DIFF_METHODS:
-        return os.path.getsize(run_dir / "diff.safetensors")
-    if method == "lora":
-        return os.path.getsize(run_dir / ADAPTER_DIR / "adapter_model.safetensors")
-    return sum(os.path.getsize(p) for p in (run_dir / MODEL_DIR).glob("*.safetensors"))
+    return _methods.get_method(method).stored_bytes(run_dir)

@@ -13,6 +13,9 @@ Methods (``TrainConfig.method``):
 * ``full``       plain finetuning of every parameter (saves a transformers checkpoint).
 * ``lora``       PEFT LoRA r=8, alpha=16 on the attention query and value projections, head trained.
 
+How each method builds, trains, saves and loads is its class in `diffprune.methods` (the registry);
+this module is the loop, the checkpoints and the output directory.
+
 One phase is a run of epochs with one AdamW optimiser (weight decay 0), linear decay to 0, no warmup,
 gradient clipping at 1.0. Batches are padded to their own longest example. Data-parallel training
 runs through `accelerate` (``torchrun --nproc_per_node N -m diffprune train ...``): each process takes
@@ -42,13 +45,14 @@ import torch
 from . import runs
 from ._io import atomic_path, atomic_write_text
 from .batching import Encoded, collate, encode_dataset, pad_id, predict_outputs
-from .config import DEFAULT_HEAD_PATTERNS, DiffPruningConfig
+from .config import DiffPruningConfig
 from .errors import ConfigError, DiffPruneError
+from .methods import METHODS, Phase, get_method
 from .metrics import score_of, task_metrics
 from .tasks import load_task
 
 # Learning rates used when TrainConfig.lr is None (see README, "Command line", for the measurements).
-DEFAULT_LR = {"diff": 5e-4, "structured": 1e-4, "magnitude": 5e-5, "full": 5e-5, "lora": 1e-3}
+DEFAULT_LR = {name: m.default_lr for name, m in METHODS.items()}
 STEP_SLEEP_ENV = "DIFFPRUNE_DEBUG_STEP_SLEEP"  # tests: slow each step down to kill a run mid-way
 
 
@@ -112,8 +116,7 @@ class TrainConfig:
         return float(self.lr) if self.lr is not None else DEFAULT_LR[self.method]
 
     def validate(self) -> None:
-        if self.method not in runs.METHODS:
-            raise ConfigError(f"--method {self.method!r} is not one of {', '.join(runs.METHODS)}")
+        get_method(self.method)  # ConfigError naming the methods
         if not str(self.output_dir or "").strip():
             raise ConfigError("--output-dir is required: the folder the run is written to")
         DiffPruningConfig(target_sparsity=self.target_sparsity, l0_lambda=self.l0_lambda, group_penalty=self.group_penalty)
@@ -159,13 +162,6 @@ _RESUME_KEYS = (
 # Settings whose default changed after runs had been made without recording them: a checkpoint or
 # benchmark record that lacks one was made with the value here, not with today's default.
 UNRECORDED_SETTINGS = {"group_penalty": "expected_l0"}
-
-
-@dataclass
-class Phase:
-    name: str  # "l0" (first phase of the diff methods), "fixed" (after projection) or "train" (full / lora)
-    epochs: int
-    lr: float
 
 
 @dataclass
@@ -461,72 +457,6 @@ def _clear_output_dir(out: Path) -> None:
             p.unlink()
 
 
-# ---- models ---------------------------------------------------------------------------------------------
-def _lora_targets(model) -> list[str] | None:
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    for q, v in (("query", "value"), ("q_lin", "v_lin"), ("q_proj", "v_proj"), ("q", "v")):
-        if q in names and v in names:
-            return [q, v]
-    return None  # let peft choose for this architecture
-
-
-def build_model(method: str, base, missing: list[str], cfg: TrainConfig):
-    """The trainable model of a method around a freshly loaded base."""
-    if method in runs.DIFF_METHODS:
-        from .model import DiffModel
-
-        heads = list(DEFAULT_HEAD_PATTERNS) + [re.escape(n) for n in missing]
-        config = DiffPruningConfig(
-            target_sparsity=cfg.target_sparsity, l0_lambda=cfg.l0_lambda, structured=method == "structured",
-            group_penalty=cfg.group_penalty,
-            use_gates=method != "magnitude", head_parameters=heads,
-        )
-        return DiffModel(base, config)
-    if method == "full":
-        for p in base.parameters():
-            p.requires_grad_(True)
-        return base
-    try:
-        from peft import LoraConfig, TaskType, get_peft_model
-    except ImportError as e:
-        raise TrainError("--method lora needs the peft package: pip install peft (or pip install 'diffprune[bench]')") from e
-    heads = sorted({n.rsplit(".", 1)[0] for n in missing})
-    lcfg = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=_lora_targets(base), modules_to_save=heads or None,
-    )
-    try:
-        return get_peft_model(base, lcfg)
-    except ValueError as e:
-        raise TrainError(f"--method lora cannot wrap {type(base).__name__}: {e}") from e
-
-
-def _freeze_empty_slots(model) -> None:
-    """Tensors that kept no position after projection have nothing to train: out of the optimiser and
-    of data-parallel gradient reduction (which fails on parameters that never receive a gradient)."""
-    for slot in model.slots.values():
-        if slot.values.numel() == 0:
-            slot.values.requires_grad_(False)
-
-
-def _phases(cfg: TrainConfig) -> list[Phase]:
-    lr = cfg.resolved_lr()
-    if cfg.method in runs.DIFF_METHODS:
-        return [Phase("l0", cfg.epochs, lr), Phase("fixed", cfg.fixmask_epochs, cfg.fixmask_lr)]
-    return [Phase("train", cfg.epochs, lr)]
-
-
-def _optimizer(model, method: str, phase: Phase, cfg: TrainConfig):
-    if method in runs.DIFF_METHODS:
-        head_lr = (cfg.head_lr or phase.lr) if phase.name == "l0" else phase.lr
-        groups = model.param_groups(lr=phase.lr, alpha_lr=cfg.alpha_lr, head_lr=head_lr)
-    else:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": phase.lr}]
-    for g in groups:
-        g["initial_lr"] = g["lr"]
-    return torch.optim.AdamW(groups, lr=phase.lr, weight_decay=0.0)
-
-
 def _density(model) -> float | None:
     """Density of the diff now: expected (L0 stage with gates) or exact (after projection); None otherwise."""
     from .model import DiffModel
@@ -599,13 +529,14 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     base, tokenizer, missing = runs.load_base(base_model, spec.num_labels, spec.labels, spec.task_type, seed=cfg.seed)
     with runs.hf_quiet():
-        model = build_model(cfg.method, base, missing, cfg)
+        model = get_method(cfg.method).build(base, missing, cfg)
     model.to(acc.device)
     pad = pad_id(tokenizer)
     train_enc = encode_dataset(tokenizer, data.train, spec.text_columns, cfg.max_seq_length)
     val_enc = encode_dataset(tokenizer, data.validation, spec.text_columns, cfg.max_seq_length)
     task_info = runs.task_info_of(spec, base_model, cfg.max_seq_length, cfg.method)
-    phases = _phases(cfg)
+    method = get_method(cfg.method)
+    phases = method.phases(cfg)
     steps_per_epoch = math.ceil(len(train_enc) / (cfg.batch_size * world))
 
     # 2. the output directory: fresh, or resumed from the checkpoint
@@ -649,7 +580,7 @@ def train(cfg: TrainConfig) -> dict:
 
     changed_since_eval = True
     last_metrics = None
-    clock = _RunClock(phases, steps_per_epoch, pos, cfg.method in runs.DIFF_METHODS)
+    clock = _RunClock(phases, steps_per_epoch, pos, method.projects)
     if show:
         print(f"training: {clock.describe(phases, steps_per_epoch)}; the bars show the whole run's ETA as 'run ETA'",
               file=sys.stderr)
@@ -671,9 +602,8 @@ def train(cfg: TrainConfig) -> dict:
             changed_since_eval, last_metrics = False, pos.after_projection["metrics"]
         if phase.epochs == 0:
             continue
-        if phase.name == "fixed":
-            _freeze_empty_slots(model)
-        optimizer = _optimizer(model, cfg.method, phase, cfg)
+        method.start_phase(model, phase)
+        optimizer = method.optimizer(model, phase, cfg)
         if ckpt is not None and pi == pos.phase and (pos.epoch or pos.step):
             opt_tensors, opt_meta = _load_safetensors(ckpt / "optimizer.safetensors")
             optimizer.load_state_dict(_optimizer_from_safetensors(opt_tensors, opt_meta))
@@ -762,7 +692,7 @@ def train(cfg: TrainConfig) -> dict:
     # 3. the artefacts (main process), then the metrics
     if cfg.debug_rank_hashes:
         h = {"rank": rank, "hash": state_hash(model)}
-        if cfg.method in runs.DIFF_METHODS:
+        if method.artefact == "diff":
             h["nnz"] = model.nnz()
         hdir = out / "rank-hashes"
         hdir.mkdir(parents=True, exist_ok=True)
@@ -779,39 +709,17 @@ def train(cfg: TrainConfig) -> dict:
 
 def _finish(cfg, out: Path, model, tokenizer, spec, task_info, data, pos: Position, final: dict, settings: dict,
             world: int, n_train: int, n_val: int, wall: float) -> dict:
-    from .model import DiffModel
-
-    method = cfg.method
-    total_params = None
-    extra_metrics = {}
-    if isinstance(model, DiffModel):
-        extra = {k: task_info[k] for k in runs.TASK_INFO_KEYS}
-        extra.update(label_column=task_info["label_column"], glue=task_info["glue"])
-        sparse = model.save_pretrained(out, extra=extra, value_dtype=cfg.value_dtype)
-        head = sum(t.numel() for t in sparse.head.values())
-        nnz, n, c = sparse.nnz, model.n_diffed, model.config
-        # what the optimiser updated in the first phase: w (+ alpha, + one group logit per tensor) and the head
-        trainable = n * (2 if c.use_gates else 1) + (len(model.diff_names) if c.use_gates and c.structured else 0) + head
-        task_params = nnz + head
-        total_params = sum(p.numel() for p in model.model.parameters())
-        extra_metrics = {"n_diffed": n, "density": nnz / n, "target_sparsity": cfg.target_sparsity,
-                         "head_parameters": head, "base_fingerprint": model.base_fingerprint,
-                         "bytes_per_nonzero": sparse.bytes_per_nonzero(), "after_projection": pos.after_projection}
-    elif method == "full":
-        with runs.hf_quiet():
-            model.save_pretrained(out / runs.MODEL_DIR)
-            tokenizer.save_pretrained(out / runs.MODEL_DIR)
-        total_params = sum(p.numel() for p in model.parameters())
-        nnz = trainable = task_params = total_params
-    else:
-        with runs.hf_quiet():
-            model.save_pretrained(out / runs.ADAPTER_DIR)
-        trainable = task_params = nnz = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n)
-    stored = runs.stored_bytes(out, method)
+    method = get_method(cfg.method)
+    extra = {k: task_info[k] for k in runs.TASK_INFO_KEYS}
+    extra.update(label_column=task_info["label_column"], glue=task_info["glue"])
+    counts = method.save(model, out, tokenizer, extra, cfg)
+    if method.projects:
+        counts["after_projection"] = pos.after_projection
+    stored = method.stored_bytes(out)
+    core = {k: int(counts.pop(k)) for k in ("nnz", "trainable_parameters", "task_parameters", "total_parameters")}
     metrics = {
         "task": spec.name,
-        "method": method,
+        "method": method.name,
         "seed": cfg.seed,
         "base_model": task_info["base_model"],
         "task_type": spec.task_type,
@@ -820,13 +728,10 @@ def _finish(cfg, out: Path, model, tokenizer, spec, task_info, data, pos: Positi
         "score": score_of(spec, final),
         "score_metrics": list(spec.score_metrics),
         "epochs": pos.epoch_records,
-        "nnz": int(nnz),
-        "trainable_parameters": int(trainable),
-        "task_parameters": int(task_params),
-        "total_parameters": int(total_params),
+        **core,
         "stored_bytes": int(stored),
-        "full_model_bytes": int(total_params * 4),
-        **extra_metrics,
+        "full_model_bytes": core["total_parameters"] * 4,
+        **counts,  # method-specific: n_diffed, density, ... for the diff methods
         "train_seconds": round(pos.train_seconds, 3),
         "eval_seconds": round(pos.eval_seconds, 3),
         "wall_seconds": round(wall, 3),
