@@ -607,6 +607,12 @@ class SparseDiff:
                 raise DiffFileError(f"{file}: tensor {name!r} claims {_numel(shape)} entries (at most "
                                     f"{codec.MAX_ENTRIES} supported)")
             shapes[name] = tuple(shape)
+        # the config must diff exactly these tensors, or no model could take the diff
+        not_diffed = [n for n in shapes if config.role_of(n) != "diff"]
+        if not_diffed or set(shapes) & set(head):
+            bad = (not_diffed or sorted(set(shapes) & set(head)))[0]
+            raise DiffFileError(f"{file}: tensor {bad!r} has a diff but the diff's config does not diff it "
+                                "(inconsistent header)")
         return {"config": config, "fp": fp, "n_diffed": n_diffed, "entries": entries, "zero": zero, "head": head,
                 "extra": extra, "shapes": shapes}
 

@@ -28,7 +28,7 @@ from . import apply as engine
 from . import gates
 from .config import DiffPruningConfig
 from .diff_file import SparseDiff
-from .errors import BaseModelMismatchError, ConfigError, DiffModeError
+from .errors import BaseModelMismatchError, ConfigError, DiffFileError, DiffModeError
 from .fingerprint import model_fingerprint
 from .projection import global_topk_positions
 
@@ -407,7 +407,10 @@ class DiffModel(nn.Module):
 
     @classmethod
     def from_sparse_diff(cls, base_model: nn.Module, diff: SparseDiff, allow_base_mismatch: bool = False) -> "DiffModel":
-        dm = cls(base_model, diff.config, _allocate=False)
+        try:
+            dm = cls(base_model, diff.config, _allocate=False)
+        except ConfigError as e:
+            raise DiffFileError(f"the diff's config does not fit this model: {e}") from e
         if not allow_base_mismatch and dm.base_fingerprint != diff.base_fingerprint:
             diff.check_base(base_model)  # raises with the full explanation
         if sorted(dm.diff_names) != sorted(diff.shapes):
