@@ -49,6 +49,11 @@ class Method:
     projects = False
     """Whether the method projects onto a budget between its phases (and so is scored after projection)."""
 
+    def state_bytes_per_parameter(self) -> int:
+        """Training state beyond the loaded fp32 model, per parameter: gradients and AdamW moments of
+        what is trained (and for the diff methods w, the gate logits and the effective weights)."""
+        return 4 + 8  # full finetuning: a gradient and two moments per parameter
+
     # ---- training -----------------------------------------------------------------------------------
     def phases(self, cfg) -> list[Phase]:
         return [Phase("train", cfg.epochs, cfg.resolved_lr())]
@@ -93,6 +98,12 @@ class DiffMethod(Method):
 
     def phases(self, cfg) -> list[Phase]:
         return [Phase("l0", cfg.epochs, cfg.resolved_lr()), Phase("fixed", cfg.fixmask_epochs, cfg.fixmask_lr)]
+
+    def state_bytes_per_parameter(self) -> int:
+        # L0 stage: w and alpha, their gradients, four AdamW moments, and theta + delta while a step runs
+        # (magnitude: no alpha); fp32 throughout
+        per_tensor = 2 if self.use_gates else 1
+        return per_tensor * (4 + 4 + 8) + 4
 
     def build(self, base, missing, cfg):
         from .config import DEFAULT_HEAD_PATTERNS, DiffPruningConfig
@@ -189,6 +200,9 @@ def _peft():
 @dataclass(frozen=True)
 class LoraMethod(Method):
     artefact: str = "adapter"
+
+    def state_bytes_per_parameter(self) -> int:
+        return 0  # the adapters' state is a small fraction of the model at the ranks used here
 
     def build(self, base, missing, cfg):
         peft = _peft()

@@ -111,6 +111,8 @@ class TrainConfig:
     """Diff methods: how diff.safetensors stores the values (fp32, bf16, fp16, int8; see `SparseDiff.save`)."""
     task_type: str | None = None
     """Your own data: "classification" or "regression"; None infers it from the training labels."""
+    check_memory: bool = True
+    """Refuse to start when the training state clearly cannot fit in the memory available (`check_memory`)."""
 
     def resolved_lr(self) -> float:
         return float(self.lr) if self.lr is not None else DEFAULT_LR[self.method]
@@ -470,6 +472,40 @@ def _density(model) -> float | None:
     return model.expected_density()
 
 
+def available_memory(device) -> int | None:
+    """Bytes that can still be allocated: free accelerator memory, or the system's MemAvailable."""
+    if getattr(device, "type", str(device)) == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(method, base, device) -> None:
+    """Refuse before training when the method's state alone exceeds the memory available (activations
+    come on top, so a run that passes may still be tight; one that fails here could not have finished)."""
+    n = sum(p.numel() for p in base.parameters())
+    need = n * method.state_bytes_per_parameter()
+    have = available_memory(device)
+    if have is None or need <= have:
+        return
+    def size(b: int) -> str:
+        return f"{b / 2**30:.1f} GiB" if need >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+    raise TrainError(
+        f"--method {method.name} needs about {size(need)} of training state for this model's {n:,} "
+        f"parameters ({method.state_bytes_per_parameter()} bytes each beyond the loaded weights, before "
+        f"activations) and {size(have)} is available; use a smaller model, --method lora, or a machine "
+        "with more memory (or pass --skip-memory-check to try anyway)"
+    )
+
+
 # ---- evaluation -----------------------------------------------------------------------------------------
 def evaluate(acc, model, encoded: Encoded, spec, batch_size: int, pad_token_id: int) -> dict:
     """Validation metrics (fp32, eval mode); the examples are shared out over the processes."""
@@ -528,6 +564,8 @@ def train(cfg: TrainConfig) -> dict:
               "starting from the beginning", file=sys.stderr)
     set_seed(cfg.seed)
     base, tokenizer, missing = runs.load_base(base_model, spec.num_labels, spec.labels, spec.task_type, seed=cfg.seed)
+    if cfg.check_memory:
+        check_memory(get_method(cfg.method), base, acc.device)
     with runs.hf_quiet():
         model = get_method(cfg.method).build(base, missing, cfg)
     model.to(acc.device)

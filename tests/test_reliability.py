@@ -139,3 +139,23 @@ def test_run_clock_counts_every_phase_and_validation():
     resumed = _RunClock(phases, 10, pos, True)  # a resumed process measures its own pace
     assert resumed.eta(pos) is None
     assert "60 steps in all (l0 3 x 10, fixed 3 x 10 epochs x steps) and 7 validations" == clock.describe(phases, 10)
+
+
+# memory that cannot fit is refused before training (issue 16's "estimate its state before it starts") ----------
+def test_training_state_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, tiny_base, glue, monkeypatch):
+    import diffprune.training as training
+    from diffprune.methods import get_method
+
+    assert get_method("structured").state_bytes_per_parameter() == 36
+    assert get_method("magnitude").state_bytes_per_parameter() == 20
+    assert get_method("full").state_bytes_per_parameter() == 12
+    monkeypatch.setattr(training, "available_memory", lambda device: 1024)
+    out = tmp_path / "big"
+    cfg = TrainConfig(output_dir=str(out), task="rte", data_dir=str(glue), model=str(tiny_base), max_train_samples=16,
+                      epochs=1, fixmask_epochs=0, progress=False)
+    with pytest.raises(TrainError, match=r"--method diff needs about 34.3 MiB of training state .*999,138 parameters \(36 bytes each.* and 0.0 MiB is available.*--skip-memory-check"):
+        train(cfg)
+    assert not out.exists()
+    cfg.check_memory = False
+    train(cfg)
+    assert (out / "metrics.json").exists()

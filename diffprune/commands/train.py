@@ -83,6 +83,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     g.add_argument("--log-steps", type=int, default=d.log_steps, help="log loss and density every N steps")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--skip-memory-check", action="store_true",
+                   help="start even when the training state is estimated not to fit in the available memory")
     g.add_argument("--debug-rank-hashes", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(run=run)
     return p
@@ -101,7 +103,7 @@ def run(args) -> int:
         progress=not args.no_progress, train_file=args.train_file, validation_file=args.validation_file,
         text_columns=args.text_columns, label_column=args.label_column, max_eval_samples=args.max_eval_samples,
         head_lr=args.head_lr, eval_batch_size=args.eval_batch_size, log_steps=args.log_steps,
-        debug_rank_hashes=args.debug_rank_hashes, task_type=args.task_type,
+        debug_rank_hashes=args.debug_rank_hashes, task_type=args.task_type, check_memory=not args.skip_memory_check,
         value_dtype=args.value_dtype,
     )
     metrics = train(cfg)
