@@ -97,7 +97,8 @@ def storage(diff, diff_file: Path) -> dict:
     bits = {k: s[k] for k in ("format_version", "value_dtype", "value_width_bits", "bits_per_nonzero",
                               "position_bits_per_nonzero", "position_bound_bits_per_nonzero", "value_bits_per_nonzero")}
     return {"stored_bytes": stored, "full_copy_bytes": full, "ratio": stored / full if full else 0.0,
-            "bytes_per_nonzero": s["bytes_per_nonzero"], **{f"{k}_bytes": v for k, v in diff.encoded_sizes().items()},
+            "bytes_per_nonzero": s["bytes_per_nonzero"], "positions_bytes": s["position_bytes"],
+            "values_bytes": s["value_bytes"], "head_bytes": s["head_bytes"],
             **bits}
 
 

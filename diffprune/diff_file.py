@@ -318,9 +318,11 @@ class SparseDiff:
         """sum over tensors of log2 C(n_t, k_t): the fewest bits any code can name the positions in."""
         return sum(codec.position_bound_bits(_numel(self.shapes[n]), self.nnz_of(n)) for n in self.indices)
 
-    def summary(self, value_dtype: str | None = None) -> dict:
+    def summary(self, value_dtype: str | None = None, sizes: dict[str, int] | None = None) -> dict:
+        """Counts, bytes and bits per nonzero as format v2 stores the diff with `value_dtype`
+        (`sizes`: `encoded_sizes(value_dtype)` when the caller has them already)."""
         vd = codec.normalize_value_dtype(value_dtype or self.value_dtype)
-        sizes = self.encoded_sizes(vd)
+        sizes = sizes if sizes is not None else self.encoded_sizes(vd)
         nnz = max(self.nnz, 1)
         return {
             "nnz": self.nnz,
@@ -328,6 +330,8 @@ class SparseDiff:
             "density": self.density,
             "bytes_per_nonzero": (sizes["positions"] + sizes["values"]) / nnz,
             "position_bytes_per_nonzero": sizes["positions"] / nnz,
+            "position_bytes": sizes["positions"],
+            "value_bytes": sizes["values"],
             "head_bytes": sizes["head"],
             "head_parameters": sum(t.numel() for t in self.head.values()),
             "format_version": self.format_version or FORMAT_VERSION,
@@ -403,9 +407,11 @@ class SparseDiff:
         return model
 
     # ---- file IO ----------------------------------------------------------------------------------
-    def _tensors_v2(self, value_dtype: str) -> tuple[dict[str, torch.Tensor], dict]:
+    def _tensors_v2(self, value_dtype: str) -> tuple[dict[str, torch.Tensor], dict, dict[str, int]]:
+        """(the file's tensors, its per-tensor header entries, `encoded_sizes` of them)."""
         tensors: dict[str, torch.Tensor] = {}
         entries = {}
+        sizes = {"positions": 0, "values": 0, "head": 0}
         for name in sorted(self.indices):
             k = self.nnz_of(name)
             if k == 0:
@@ -435,11 +441,14 @@ class SparseDiff:
                 raise DiffFileError(f"tensor {name!r}: {e}") from None
             for key, t in stored.items():
                 tensors[f"diff.{name}.{key}"] = t
+            sizes["positions"] += codec.position_bytes(arrays)
+            sizes["values"] += codec.value_bytes(stored)
             entries[name] = {"shape": [int(d) for d in self.shapes[name]], "nnz": k, "positions": dict(entry),
                              "values": ventry}
         for name, t in self.head.items():
             tensors[f"head.{name}"] = t.detach().cpu().contiguous()
-        return tensors, entries
+            sizes["head"] += t.numel() * t.element_size()
+        return tensors, entries, sizes
 
     def save(self, directory: str | Path, value_dtype: str | None = None) -> Path:
         """Write ``diff.safetensors`` (format v2) and ``diff_config.json`` atomically into `directory`.
@@ -452,7 +461,7 @@ class SparseDiff:
             raise ConfigError(str(e)) from None
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors, entries = self._tensors_v2(vd)
+        tensors, entries, sizes = self._tensors_v2(vd)
         save_id = uuid.uuid4().hex
         header = {
             "config": self.config.to_dict(),
@@ -472,7 +481,7 @@ class SparseDiff:
             save_file(tensors, str(tmp), metadata=metadata)
         self.value_dtype = vd  # sizes and summaries now describe the file just written
         stored = os.path.getsize(directory / DIFF_FILE)
-        summary = self.summary(vd)
+        summary = self.summary(vd, sizes)  # the sizes of what was just written, not a second encoding
         summary["format_version"] = FORMAT_VERSION
         readable = {
             "format": FORMAT,

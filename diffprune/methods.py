@@ -11,6 +11,7 @@ projection, fixed-mask phase; ``diff.safetensors``); ``full`` saves a transforme
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -129,7 +130,10 @@ class DiffMethod(Method):
                     slot.values.requires_grad_(False)
 
     def save(self, model, out, tokenizer, extra, cfg):
+        from .diff_file import CONFIG_FILE
+
         sparse = model.save_pretrained(out, extra=extra, value_dtype=cfg.value_dtype)
+        written = json.loads((Path(out) / CONFIG_FILE).read_text(encoding="utf-8"))  # its summary, not a re-encoding
         head = sum(t.numel() for t in sparse.head.values())
         nnz, n, c = sparse.nnz, model.n_diffed, model.config
         # what the optimiser updated in the first phase: w (+ alpha, + one group logit per tensor) and the head
@@ -137,7 +141,7 @@ class DiffMethod(Method):
         return {"nnz": nnz, "trainable_parameters": trainable, "task_parameters": nnz + head,
                 "total_parameters": sum(p.numel() for p in model.model.parameters()),
                 "n_diffed": n, "density": nnz / n, "target_sparsity": cfg.target_sparsity, "head_parameters": head,
-                "base_fingerprint": model.base_fingerprint, "bytes_per_nonzero": sparse.bytes_per_nonzero()}
+                "base_fingerprint": model.base_fingerprint, "bytes_per_nonzero": written["bytes_per_nonzero"]}
 
     def stored_bytes(self, run_dir):
         return os.path.getsize(Path(run_dir) / DIFF_FILE)

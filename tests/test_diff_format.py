@@ -137,6 +137,10 @@ def test_value_dtypes_roundtrip(tmp_path, value_dtype, wide):
         assert s["value_bits_per_nonzero"] < width - (0.5 if value_dtype == "int8" else 2)
     assert s["position_bits_per_nonzero"] >= s["position_bound_bits_per_nonzero"] > 0  # a random mask
     assert back.encoded_sizes() == d.encoded_sizes(value_dtype)
+    written = json.loads((tmp_path / "d" / "diff_config.json").read_text())  # sizes counted while saving
+    sizes = back.encoded_sizes()
+    assert (written["position_bytes"], written["value_bytes"], written["head_bytes"]) == (
+        sizes["positions"], sizes["values"], sizes["head"])
     size = (tmp_path / "d" / DIFF_FILE).stat().st_size
     assert size < sum(back.encoded_sizes().values()) + 4096  # the header is the rest
 

@@ -56,6 +56,7 @@ def run(args) -> int:
             shutil.copyfile(src / name, out / name)
     diff.save(out, value_dtype=args.value_dtype)
     after = (out / DIFF_FILE).stat().st_size
+    s = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))  # the summary save just wrote
     metrics_path = out / METRICS_FILE
     if metrics_path.is_file():
         try:
@@ -64,10 +65,9 @@ def run(args) -> int:
             raise RunError(f"{src / METRICS_FILE} is not valid JSON ({e}); the run directory is damaged") from e
         if isinstance(metrics, dict):
             metrics["stored_bytes"] = after
-            metrics["bytes_per_nonzero"] = diff.bytes_per_nonzero(args.value_dtype)
+            metrics["bytes_per_nonzero"] = s["bytes_per_nonzero"]
             metrics["value_dtype"] = args.value_dtype
             atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
-    s = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
     print(f"compressed {src} into {out}: {before:,} -> {after:,} bytes; {s['bits_per_nonzero']:.2f} bits per nonzero "
           f"({s['position_bits_per_nonzero']:.2f} position, bound {s['position_bound_bits_per_nonzero']:.2f}; "
           f"{s['value_bits_per_nonzero']:.2f} {args.value_dtype} value)")
