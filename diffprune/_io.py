@@ -45,3 +45,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def proc_bytes(path: str, field: str) -> int | None:
+    """A "Field: N kB" line of a Linux /proc file (/proc/meminfo, /proc/self/status) in bytes; None
+    where there is no such file or field."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from . import runs
-from ._io import atomic_path, atomic_write_text
+from ._io import atomic_path, atomic_write_text, proc_bytes
 from .batching import Encoded, collate, encode_dataset, pad_id, predict_outputs
 from .config import DiffPruningConfig
 from .errors import ConfigError, DiffPruneError
@@ -477,14 +477,7 @@ def available_memory(device) -> int | None:
     if getattr(device, "type", str(device)) == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def check_memory(method, base, device) -> None:

@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 
 from diffprune import BaseModelMismatchError, DiffFileError, DiffModel, DiffPruningConfig, SparseDiff
 from diffprune import diff_file
+from diffprune._io import proc_bytes
 
 from .conftest import tiny_bert
 
@@ -79,15 +80,18 @@ def originals(tmp_path_factory):
     return out, pristine
 
 
+@pytest.fixture(scope="module", autouse=True)
+def report_counts():
+    """After the module: what the fuzzers tried, appended to DIFFPRUNE_FUZZ_REPORT when set
+    (benchmarks/reliability.py reads it)."""
+    yield
+    report = os.environ.get("DIFFPRUNE_FUZZ_REPORT")
+    if report:
+        with open(report, "a") as f:
+            f.write(json.dumps({"diff_file": COUNTS, "examples_per_property": EXAMPLES}) + "\n")
+
+
 # ---- helpers ---------------------------------------------------------------------------------------------
-def _vm_size() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 class Hang(Exception):
     """A load took more than HANG_SECONDS (not an allowed outcome)."""
 
@@ -101,7 +105,7 @@ def memory_bound():
     """Lower the soft address-space limit to now + MEMORY_BOUND for the block (restored after), and
     fail the block if it runs longer than HANG_SECONDS."""
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = _vm_size() + MEMORY_BOUND
+    limit = (proc_bytes("/proc/self/status", "VmSize") or 0) + MEMORY_BOUND
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
@@ -370,9 +374,3 @@ def test_label_edit_in_header_is_caught_by_the_checksum(originals, tmp_path):
         _load_bytes(tmp_path / "edited", edited)
 
 
-def test_report_counts():
-    """Not a property: writes what the fuzzers tried (for benchmarks/results/reliability.md)."""
-    report = os.environ.get("DIFFPRUNE_FUZZ_REPORT")
-    if report:
-        with open(report, "a") as f:
-            f.write(json.dumps({"diff_file": COUNTS, "examples_per_property": EXAMPLES}) + "\n")

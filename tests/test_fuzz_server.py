@@ -57,6 +57,19 @@ def live_server(serving_env):
     thread.join(timeout=20)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def report_counts():
+    """After the module: what the fuzzer sent, appended to DIFFPRUNE_FUZZ_REPORT when set
+    (benchmarks/reliability.py reads it)."""
+    yield
+    report = os.environ.get("DIFFPRUNE_FUZZ_REPORT")
+    if report:
+        import json
+
+        with open(report, "a") as f:
+            f.write(json.dumps({"server": SEEN, "examples_per_operation": EXAMPLES}) + "\n")
+
+
 @pytest.fixture(scope="module")
 def api_schema(live_server):
     return schemathesis.openapi.from_url(f"{live_server}/openapi.json")
@@ -99,13 +112,3 @@ def test_hostile_bodies_are_4xx(live_server, body, status):
                    headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == status, r.text[:300]
     assert "detail" in r.json()
-
-
-def test_report_counts():
-    """Not a property: writes what the fuzzer sent (for benchmarks/results/reliability.md)."""
-    report = os.environ.get("DIFFPRUNE_FUZZ_REPORT")
-    if report:
-        import json
-
-        with open(report, "a") as f:
-            f.write(json.dumps({"server": SEEN, "examples_per_operation": EXAMPLES}) + "\n")

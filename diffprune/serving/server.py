@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from .._io import proc_bytes
 from ..diff_file import CONFIG_FILE, DIFF_FILE
 from ..errors import BaseModelMismatchError, DiffFileError, DiffPruneError
 from .multitask import METRICS_FILE, InputError, MultiTaskModel, TaskError, TaskExistsError, UnknownTaskError
@@ -284,14 +285,7 @@ def _validate(schema, data):
 
 
 def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_bytes("/proc/self/status", "VmRSS")
 
 
 def _inside(path: Path, root: Path) -> bool:
