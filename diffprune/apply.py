@@ -5,7 +5,7 @@ additions and produce bit-identical weights:
 
 * `SparseDiff.apply_` / `revert_` (`apply_diff_`, `revert_diff_`),
 * `DiffModel.merge_and_unload` (`add_`), and, out of place and differentiable,
-  `DiffModel._effective_parameters` in the fixed-mask stage (`add`),
+  `DiffModel.effective` in the fixed-mask stage (`add`, per layer, see `diffprune.layers`),
 * the server's in-place task switch (`diffprune.serving.multitask._Patch`: `gather` + `merged`
   once when a task is added, then pure writes of the stored values).
 

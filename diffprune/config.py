@@ -57,6 +57,12 @@ class DiffPruningConfig:
     """Patterns of parameters trained densely and stored whole (the new task head)."""
     frozen_parameters: list[str] = field(default_factory=list)
     """Patterns of parameters neither diffed nor trained."""
+    alpha_dtype: str = "fp32"
+    """Storage of the gate logits alpha (and so of their AdamW moments): "fp32" or "bf16" (half the
+    bytes; the gate arithmetic still runs in float32)."""
+    candidates: float | None = None
+    """Candidate-restricted L0: the fraction c of diffed entries (chosen by an importance warm-up,
+    `diffprune.candidates`) that get w and alpha; None = every entry (the paper's dense L0 stage)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -73,6 +79,22 @@ class DiffPruningConfig:
                 f"group_penalty={self.group_penalty!r} is not one of {', '.join(GROUP_PENALTIES)} "
                 "(expected_l0: the paper's expected L0; per_gate: each gate counted once, as its reference code)"
             )
+        if self.alpha_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"alpha_dtype={self.alpha_dtype!r} is not one of fp32, bf16")
+        c = self.candidates
+        if c is not None:
+            if not isinstance(c, (int, float)) or isinstance(c, bool) or math.isnan(c) or not (0.0 < c < 1.0):
+                raise ConfigError(
+                    f"candidates={c!r} must be a fraction in (0, 1), e.g. 0.05 for 5% of the entries; "
+                    "leave it unset (None) for the dense L0 stage over every entry"
+                )
+            if c < t:
+                raise ConfigError(
+                    f"candidates={c:g} is below target_sparsity={t:g}: projection keeps round(t * n) entries, so "
+                    f"there must be at least as many candidates; raise --candidates (e.g. {min(0.5, 10 * t):g})"
+                )
+            if not self.use_gates:
+                raise ConfigError("candidates need the L0 gates (use_gates=True): magnitude pruning has no L0 stage")
         if not (self.l0_lambda >= 0.0):
             raise ConfigError(f"l0_lambda={self.l0_lambda!r} must be >= 0")
         if not (self.stretch_l < 0.0 and self.stretch_r > 1.0):

@@ -10,8 +10,15 @@ Stages (``DiffModel.stage``):
                 value vector per tensor), so the optimiser holds state for the nonzeros alone
                 and the other entries are exactly zero by construction.
 
-The wrapped model is called with ``torch.func.functional_call`` on theta + delta, so its own
-modules and weights are never modified until `merge_and_unload()`.
+With ``config.candidates = c`` the L0 stage is restricted to c * n candidate entries chosen by an
+importance warm-up (`set_candidates`): w and alpha exist only there (indices and values, memory
+O(c * n)), and projection picks the budget among them.
+
+Each module that owns a diffed tensor computes theta + delta when it runs (`diffprune.layers`), so
+the effective weight of a layer lives only as long as that layer's activations (or, with
+``recompute_weights``, only while its forward and backward run), activation checkpointing works,
+and `generate` sees the diff. The model's own weights are never modified until
+`merge_and_unload()`.
 """
 
 from __future__ import annotations
@@ -22,10 +29,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.func import functional_call
-
 from . import apply as engine
 from . import gates
+from . import layers
 from .config import DiffPruningConfig
 from .diff_file import SparseDiff
 from .errors import BaseModelMismatchError, ConfigError, DiffFileError, DiffModeError
@@ -70,6 +76,9 @@ def _checkpointing(model: nn.Module) -> bool:
     return bool(flag)
 
 
+ALPHA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def _tensor_seed(base_seed: int, i: int) -> int:
     """The gate-noise seed of the i-th diffed tensor in a step whose base seed is `base_seed`."""
     return (base_seed + i * 2_654_435_761) % (2**63 - 2_000_000)
@@ -90,18 +99,28 @@ def _fused_supported(params) -> bool:
 class _L0Slot(nn.Module):
     """Trainable diff state of one tensor in the L0 stage."""
 
-    def __init__(self, theta: torch.Tensor, config: DiffPruningConfig):
+    def __init__(self, theta: torch.Tensor, config: DiffPruningConfig, shape=None):
         super().__init__()
+        shape = theta.shape if shape is None else shape
         dtype = theta.dtype if theta.dtype in (torch.float32, torch.float64) else torch.float32
-        self.w = nn.Parameter(torch.zeros(theta.shape, dtype=dtype, device=theta.device))
+        a_dtype = ALPHA_DTYPES[config.alpha_dtype] if dtype == torch.float32 else dtype
+        self.w = nn.Parameter(torch.zeros(shape, dtype=dtype, device=theta.device))
         if config.use_gates:
-            self.alpha = nn.Parameter(torch.full(theta.shape, config.alpha_init, dtype=dtype, device=theta.device))
+            self.alpha = nn.Parameter(torch.full(shape, config.alpha_init, dtype=a_dtype, device=theta.device))
         else:
             self.register_parameter("alpha", None)
         if config.use_gates and config.structured:
-            self.alpha_group = nn.Parameter(torch.tensor(config.alpha_init, dtype=dtype, device=theta.device))
+            self.alpha_group = nn.Parameter(torch.tensor(config.alpha_init, dtype=a_dtype, device=theta.device))
         else:
             self.register_parameter("alpha_group", None)
+
+
+class _CandidateSlot(_L0Slot):
+    """L0 state on a tensor's candidate entries only: their flat positions (sorted) and w, alpha there."""
+
+    def __init__(self, theta: torch.Tensor, config: DiffPruningConfig, candidates: torch.Tensor):
+        super().__init__(theta, config, shape=(int(candidates.numel()),))
+        self.register_buffer("candidates", candidates.to(device=theta.device, dtype=torch.int64))
 
 
 class _FixedSlot(nn.Module):
@@ -167,16 +186,28 @@ class DiffModel(nn.Module):
         budget(config.target_sparsity, self.n_diffed)  # a budget of 0 entries fails here, not after the L0 stage
         self._unloaded = False
         self.slots = nn.ModuleDict()
-        if _allocate:
+        self._stage = "l0"
+        if config.candidates is not None:
+            k = budget(config.target_sparsity, self.n_diffed)
+            if round(config.candidates * self.n_diffed) < k:
+                raise ConfigError(
+                    f"candidates={config.candidates:g} keeps {round(config.candidates * self.n_diffed):,} candidate "
+                    f"entries, fewer than the budget of {k:,} (target_sparsity={config.target_sparsity:g}): raise "
+                    f"--candidates above --target-sparsity (e.g. {min(1.0, 10 * config.target_sparsity):g})"
+                )
+            self._stage = "warmup"  # no L0 state until `set_candidates`
+        elif _allocate:
             for name in self.diff_names:
                 self.slots[_slot_key(name)] = _L0Slot(params[name], config)
+        self._index = {n: i for i, n in enumerate(self.diff_names)}
+        self._step: layers.Step | None = None
+        self._injector = layers.Injector(self, model, self.diff_names)
 
     # ---- introspection ----------------------------------------------------------------------
     @property
     def stage(self) -> str:
-        if not self.slots:
-            return "fixed"
-        return "fixed" if isinstance(next(iter(self.slots.values())), _FixedSlot) else "l0"
+        """"warmup" (candidates not chosen yet), "l0" or "fixed"."""
+        return self._stage
 
     def _theta(self) -> dict[str, nn.Parameter]:
         params = dict(self.model.named_parameters())
@@ -192,61 +223,113 @@ class DiffModel(nn.Module):
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    @property
+    def recompute_weights(self) -> bool:
+        """Recompute each layer's theta + delta in its backward instead of keeping it (`diffprune.layers`)."""
+        return self._injector.recompute
+
+    @recompute_weights.setter
+    def recompute_weights(self, value: bool) -> None:
+        self._injector.recompute = bool(value)
+
+    def checkpointing(self) -> bool:
+        """Whether the wrapped model has activation checkpointing on."""
+        return _checkpointing(self.model)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """The wrapped model's activation checkpointing (transformers), non-reentrant by default."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if not hasattr(self.model, "gradient_checkpointing_enable"):
+            raise DiffModeError(
+                f"{type(self.model).__name__} has no gradient_checkpointing_enable(): wrap its blocks in "
+                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) yourself"
+            )
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     # ---- the diff ---------------------------------------------------------------------------
     def _gated_w(self, name: str, gate) -> torch.Tensor:
-        """gate(alpha) * w, times gate(alpha_group) when structured; w itself without gates."""
+        """gate(alpha) * w, times gate(alpha_group) when structured; w itself without gates (over the
+        tensor, or over its candidate entries)."""
         slot, c = self._slot(name), self.config
         if slot.alpha is None:
             return slot.w
-        out = gate(slot.alpha, c.stretch_l, c.stretch_r) * slot.w
+        out = gate(slot.alpha.float(), c.stretch_l, c.stretch_r) * slot.w
         if slot.alpha_group is not None:
-            out = out * gate(slot.alpha_group, c.stretch_l, c.stretch_r)
+            out = out * gate(slot.alpha_group.float(), c.stretch_l, c.stretch_r)
         return out
 
     def _delta_l0_eval(self, name: str) -> torch.Tensor:
-        return self._gated_w(name, gates.deterministic_gate)
+        """The L0 stage's deterministic delta of `name`, dense."""
+        d = self._gated_w(name, gates.deterministic_gate)
+        slot = self._slot(name)
+        if isinstance(slot, _CandidateSlot):
+            t = self._theta_of(name)
+            return torch.zeros(t.numel(), dtype=d.dtype, device=d.device).index_copy_(0, slot.candidates, d).view(t.shape)
+        return d
 
-    def _effective_parameters(self, with_l0: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """theta + delta per diffed name, and (with_l0, L0 stage with gates) the penalised gate count
-        (E[||delta||_0] unless ``group_penalty="per_gate"``, see `l0_penalty`).
+    def _theta_of(self, name: str) -> torch.Tensor:
+        return self.model.get_parameter(name)
 
-        In training the expected L0 comes out of the same fused pass as the sampled gates
-        (`gates.gated_diff_and_l0`), so the penalty costs no separate full-size pass or tensor.
+    def current_step(self) -> layers.Step:
+        """The step the hooks compute theta + delta for (the last forward's, or a deterministic one)."""
+        if self._step is None:
+            self._step = self._new_step(with_l0=False)
+        return self._step
+
+    def _new_step(self, with_l0: bool) -> layers.Step:
+        sampling = self.training and self.config.use_gates and self._stage == "l0"
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if sampling else None
+        return layers.Step(seed=seed, with_l0=with_l0 and sampling)
+
+    def effective(self, name: str, step: layers.Step, for_recompute: bool = False) -> torch.Tensor:
+        """theta + delta of one diffed tensor for `step` (its module's hook calls this).
+
+        Training (a step with a seed): hard-concrete gates drawn from the seed of this tensor in this
+        step, and, the first time the tensor runs in the step with autograd on, its penalised gate
+        count from the same fused pass (`gates.gated_diff_and_l0`). Otherwise deterministic gates,
+        or after projection theta plus the kept values.
         """
+        t = self._theta_of(name)
+        if self._stage == "warmup":
+            return t
+        slot = self._slot(name)
+        if self._stage == "fixed":
+            if not slot.positions.numel():
+                return t
+            # differentiable w.r.t. the kept values (they train in this stage)
+            return engine.add(t.reshape(-1), slot.positions, slot.values).view_as(t)
+        cand = slot.candidates if isinstance(slot, _CandidateSlot) else None
+        base = engine.gather(t.reshape(-1), cand) if cand is not None else t
         c = self.config
-        theta = self._theta()
-        out = {}
-        if self.stage == "fixed":
-            for name, t in theta.items():
-                slot = self._slot(name)
-                if slot.positions.numel():
-                    # differentiable w.r.t. the kept values (they train in this stage)
-                    out[name] = engine.add(t.reshape(-1), slot.positions, slot.values).view_as(t)
-            return out, None
-        sampling = self.training and c.use_gates
-        with_l0 = with_l0 and sampling
-        base_seed = int(torch.randint(0, 2**62, (1,)).item()) if sampling else 0
-        total = None
-        for i, (name, t) in enumerate(theta.items()):
-            slot = self._slot(name)
-            if sampling:
-                seed = _tensor_seed(base_seed, i)
-                if with_l0:
-                    out[name], e = gates.gated_diff_and_l0(
-                        t, slot.w, slot.alpha, slot.alpha_group, seed, c.stretch_l, c.stretch_r, c.group_penalty
-                    )
-                    total = e if total is None else total + e
-                else:
-                    out[name] = gates.gated_diff(t, slot.w, slot.alpha, slot.alpha_group, seed, c.stretch_l, c.stretch_r)
+        if step.seed is not None:
+            seed = _tensor_seed(step.seed, self._index[name])
+            if step.with_l0 and not for_recompute and torch.is_grad_enabled():
+                # the same ops every time the tensor runs in the step (a checkpointed block's recompute
+                # must save what its first run saved); the term is counted once
+                out, e = gates.gated_diff_and_l0(base, slot.w, slot.alpha, slot.alpha_group, seed, c.stretch_l,
+                                                 c.stretch_r, c.group_penalty)
+                if name not in step.penalised:
+                    step.add_l0(name, e)
             else:
-                out[name] = t + self._delta_l0_eval(name).to(t.dtype)
-        return out, total
+                out = gates.gated_diff(base, slot.w, slot.alpha, slot.alpha_group, seed, c.stretch_l, c.stretch_r)
+        else:
+            out = base + self._gated_w(name, gates.deterministic_gate).to(base.dtype)
+        if cand is not None:
+            out = t.reshape(-1).index_copy(0, cand, out).view_as(t)
+        return out
+
+    def _effective_parameters(self) -> dict[str, torch.Tensor]:
+        """theta + delta of every diffed tensor at once, for the current step (tests, inspection)."""
+        step = self.current_step()
+        return {name: self.effective(name, step) for name in self.diff_names}
 
     @torch.no_grad()
     def delta(self) -> dict[str, torch.Tensor]:
         """The current diff, dense, one tensor per diffed parameter (deterministic gates)."""
         theta = self._theta()
-        if self.stage == "fixed":
+        if self._stage == "warmup":
+            return {name: torch.zeros_like(t) for name, t in theta.items()}
+        if self._stage == "fixed":
             out = {}
             for name, t in theta.items():
                 slot = self._slot(name)
@@ -260,23 +343,30 @@ class DiffModel(nn.Module):
         """E[||delta||_0], differentiable w.r.t. the gate logits (the count of entries in fixed stage)."""
         return self._gate_count("expected_l0")
 
-    def _gate_count(self, group_penalty: str) -> torch.Tensor:
+    def _gate_count(self, group_penalty: str, names=None) -> torch.Tensor:
         device = next(iter(self._theta().values())).device
-        if self.stage == "fixed":
+        if self._stage == "fixed":
             return torch.tensor(float(self.nnz()), device=device)
+        if self._stage == "warmup":
+            return torch.tensor(0.0, device=device)
         if not self.config.use_gates:
-            return torch.tensor(float(self.n_diffed), device=device)
+            return torch.tensor(float(self._n_trainable_entries()), device=device)
         c = self.config
         total = torch.zeros((), device=device)
-        for name in self.diff_names:
+        for name in self.diff_names if names is None else names:
             slot = self._slot(name)
-            total = total + gates.expected_nonzeros(slot.alpha, slot.alpha_group, c.stretch_l, c.stretch_r, group_penalty)
+            total = total + gates.expected_nonzeros(slot.alpha.float(), None if slot.alpha_group is None
+                                                    else slot.alpha_group.float(), c.stretch_l, c.stretch_r,
+                                                    group_penalty)
         return total
+
+    def _n_trainable_entries(self) -> int:
+        return sum(self._slot(n).w.numel() for n in self.diff_names)
 
     def l0_penalty(self) -> torch.Tensor:
         """What training mode adds to the model's loss (0 without gates): l0_lambda * E[||delta||_0],
         or with ``group_penalty="per_gate"`` l0_lambda * (sum_i P(z_i) + sum_g P(z_g))."""
-        if self.stage == "fixed" or not self.config.use_gates:
+        if self._stage != "l0" or not self.config.use_gates:
             return torch.zeros((), device=next(iter(self._theta().values())).device)
         return self.config.l0_lambda * self._gate_count(self.config.group_penalty)
 
@@ -288,30 +378,90 @@ class DiffModel(nn.Module):
     @torch.no_grad()
     def nnz(self) -> int:
         """Nonzero entries of delta now (fixed stage: the number of kept positions)."""
-        if self.stage == "fixed":
+        if self._stage == "fixed":
             return sum(int(self._slot(n).positions.numel()) for n in self.diff_names)
-        return sum(int((d != 0).sum()) for d in self.delta().values())
+        if self._stage == "warmup":
+            return 0
+        return sum(int((self._gated_w(n, gates.deterministic_gate) != 0).sum()) for n in self.diff_names)
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         """Run the wrapped model on theta + delta; in training adds the L0 penalty to `loss`."""
         if self._unloaded:
             raise DiffModeError("merge_and_unload() was called: use the model it returned")
-        if self.training and _checkpointing(self.model):
-            raise DiffModeError(
-                "gradient checkpointing recomputes activations outside DiffModel's forward, with the base "
-                "weights instead of theta + delta; disable it (model.gradient_checkpointing_disable())"
-            )
         c = self.config
-        penalised = self.training and self.stage == "l0" and c.use_gates and c.l0_lambda > 0
-        params, gate_count = self._effective_parameters(with_l0=penalised)
-        outputs = functional_call(self.model, params, args, kwargs, tie_weights=True, strict=False)
+        penalised = self.training and self._stage == "l0" and c.use_gates and c.l0_lambda > 0
+        step = self._step = self._new_step(with_l0=penalised)
+        outputs = self.model(*args, **kwargs)
         if penalised:
             loss = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
             if loss is not None:
-                # == loss + self.l0_penalty(), its value and gradient computed in the gates' pass
-                outputs["loss"] = loss + c.l0_lambda * gate_count
+                # == loss + self.l0_penalty(): tensors whose module ran with autograd on brought their
+                # term from the gates' fused pass; the rest (a module that did not run, or ran under
+                # no_grad inside a reentrant checkpoint) are counted here
+                rest = [n for n in self.diff_names if n not in step.penalised]
+                total = step.l0
+                if rest:
+                    extra = self._gate_count(c.group_penalty, rest)
+                    total = extra if total is None else total + extra
+                outputs["loss"] = loss + c.l0_lambda * total
+            step.l0 = None  # the graph goes with the loss, not with the model
+        if self.training and not getattr(self, "_wiring_checked", False):
+            self._wiring_checked = True
+            self._check_wiring(step)
         return outputs
+
+    def _check_wiring(self, step: layers.Step) -> None:
+        missing = [n for n in self.diff_names if n not in step.ran]
+        if missing and self._stage != "warmup":
+            import warnings
+
+            warnings.warn(
+                f"{len(missing)} diffed parameters' modules did not run in the first training forward "
+                f"({missing[:3]}...): if the model uses them anyway (read directly, not by calling the module "
+                "that owns them), their diff has no effect; freeze them (frozen_parameters) if they are unused",
+                stacklevel=3,
+            )
+
+    def generate(self, *args, **kwargs):
+        """The wrapped model's `generate` on theta + delta.
+
+        In eval mode after projection the diff is added to the weights in place for the call (the
+        apply engine, bit-exact revert afterwards), so every decoding step runs at the base model's
+        speed; otherwise each step's modules compute theta + delta as in forward."""
+        if self._unloaded:
+            raise DiffModeError("merge_and_unload() was called: use the model it returned")
+        if self.training or self._stage != "fixed":
+            self._step = self._new_step(with_l0=False)
+            return self.model.generate(*args, **kwargs)
+        with self.merged():
+            return self.model.generate(*args, **kwargs)
+
+    def merged(self):
+        """Context manager: the diff added to the wrapped model's weights in place (fixed stage), hooks
+        off, and the exact base weights restored on exit."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            if self._stage != "fixed":
+                raise DiffModeError("merged() needs the fixed-mask stage: call project() first")
+            theta = self._theta()
+            backup = {}
+            prev = self._injector.enabled
+            try:
+                for name, t in theta.items():
+                    slot = self._slot(name)
+                    if slot.positions.numel():
+                        backup[name] = engine.add_(engine.flat_view(t), slot.positions, slot.values)
+                self._injector.enabled = False
+                yield self.model
+            finally:
+                self._injector.enabled = prev
+                for name, saved in backup.items():
+                    engine.write_(engine.flat_view(theta[name]), self._slot(name).positions, saved)
+
+        return ctx()
 
     # ---- optimisation helpers ------------------------------------------------------------------
     def param_groups(
@@ -342,7 +492,22 @@ class DiffModel(nn.Module):
                 group["fused"] = True
         return groups
 
-    # ---- projection ---------------------------------------------------------------------------
+    # ---- candidates and projection ------------------------------------------------------------
+    @torch.no_grad()
+    def set_candidates(self, candidates: dict[str, torch.Tensor]) -> "DiffModel":
+        """Start the candidate-restricted L0 stage on the given flat positions per diffed tensor
+        (sorted, unique; see `diffprune.candidates.select`): w = 0 and alpha = alpha_init there."""
+        if self._stage != "warmup":
+            raise DiffModeError("set_candidates() runs once, after the importance warm-up and before the L0 stage")
+        missing = sorted(set(self.diff_names) - set(candidates))
+        if missing:
+            raise ConfigError(f"candidates are missing for {missing[:5]}")
+        params = dict(self.model.named_parameters())
+        for name in self.diff_names:
+            self.slots[_slot_key(name)] = _CandidateSlot(params[name], self.config, candidates[name])
+        self._stage = "l0"
+        return self
+
     @torch.no_grad()
     def project(self, target_sparsity: float | None = None) -> "DiffModel":
         """Keep exactly round(t * n) entries of delta by magnitude and switch to the fixed-mask stage.
@@ -350,26 +515,34 @@ class DiffModel(nn.Module):
         After this, only kept values (and the head) are trainable: build a new optimiser over
         ``[p for p in dm.parameters() if p.requires_grad]``.
         """
-        if self.stage == "fixed":
-            raise DiffModeError("the diff is already projected; project() runs once, after the L0 stage")
+        if self._stage != "l0":
+            raise DiffModeError(
+                "the diff is already projected; project() runs once, after the L0 stage" if self._stage == "fixed"
+                else "the candidates are not chosen yet: run the importance warm-up (set_candidates) first"
+            )
         t = self.config.target_sparsity if target_sparsity is None else target_sparsity
         DiffPruningConfig(target_sparsity=t)  # validates the range with the standard message
         k = budget(t, self.n_diffed)
-        deltas = self.delta()
-        positions = global_topk_positions(
-            {n: d.abs() for n, d in deltas.items()}, k, tiebreak=self._expected_magnitudes
-        )
+        # scores over each tensor's trainable entries: the whole tensor, or its candidates
+        deltas = {n: self._gated_w(n, gates.deterministic_gate).detach() for n in self.diff_names}
+        chosen = global_topk_positions({n: d.abs() for n, d in deltas.items()}, k, tiebreak=self._expected_magnitudes)
         new_slots = nn.ModuleDict()
         for name in self.diff_names:
-            pos = positions[name]
-            new_slots[_slot_key(name)] = _FixedSlot(pos, deltas[name].reshape(-1)[pos].clone())
+            sel = chosen[name]
+            slot = self._slot(name)
+            pos = slot.candidates[sel] if isinstance(slot, _CandidateSlot) else sel
+            values = deltas[name].reshape(-1)[sel].to(torch.float32 if deltas[name].dtype == torch.bfloat16
+                                                       else deltas[name].dtype).clone()
+            new_slots[_slot_key(name)] = _FixedSlot(pos, values)
+        del deltas
         self.slots = new_slots
+        self._stage = "fixed"
         self.config.target_sparsity = t
         return self
 
     @torch.no_grad()
     def _expected_magnitudes(self) -> dict[str, torch.Tensor] | None:
-        """|w| * P(gate open) per entry: how projection fills the budget when the L0 stage left
+        """|w| * P(gate open) per trainable entry: how projection fills the budget when the L0 stage left
         fewer nonzero entries than it keeps (its deterministic gates are then exactly 0 there)."""
         if not self.config.use_gates:
             return None
@@ -377,7 +550,7 @@ class DiffModel(nn.Module):
 
     # ---- export -------------------------------------------------------------------------------
     def to_sparse_diff(self, extra: dict | None = None) -> SparseDiff:
-        if self.stage != "fixed":
+        if self._stage != "fixed":
             raise DiffModeError(
                 "the diff is still dense (L0 stage): call project() before saving it as a sparse diff; "
                 "for a training checkpoint use trainable_state_dict()"
@@ -425,6 +598,7 @@ class DiffModel(nn.Module):
             t = params[name]
             vals = diff.values[name].to(device=t.device)
             dm.slots[_slot_key(name)] = _FixedSlot(positions.pop(name).to(t.device), vals)
+        dm._stage = "fixed"
         with torch.no_grad():
             for name, t in diff.head.items():
                 params[name].copy_(t)
@@ -441,14 +615,15 @@ class DiffModel(nn.Module):
         if self._unloaded:
             raise DiffModeError("merge_and_unload() was already called")
         theta = self._theta()
-        if self.stage == "fixed":
+        if self._stage == "fixed":
             for name, t in theta.items():
                 slot = self._slot(name)
                 if slot.positions.numel():
                     engine.add_(t.data.view(-1), slot.positions, slot.values, backup=False)
-        else:  # dense diff: one tensor's delta at a time
+        elif self._stage == "l0":  # dense diff: one tensor's delta at a time
             for name, t in theta.items():
                 t.data.add_(self._delta_l0_eval(name).detach().to(t.dtype))
+        self._injector.remove()
         for p in self.model.parameters():
             p.requires_grad_(True)
         self._unloaded = True
@@ -464,26 +639,26 @@ class DiffModel(nn.Module):
 
     @torch.no_grad()
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore `trainable_state_dict()` output, switching to the fixed stage if it was saved there."""
-        fixed = any(k.endswith(".positions") for k in state)
-        if fixed and self.stage != "fixed":
-            params = dict(self.model.named_parameters())
-            self.slots = nn.ModuleDict(
-                {
-                    _slot_key(n): _FixedSlot(
-                        torch.zeros(0, dtype=torch.int64, device=params[n].device),
-                        torch.zeros(0, device=params[n].device),
-                    )
-                    for n in self.diff_names
-                }
-            )
-            for n in self.diff_names:
-                slot = self._slot(n)
-                slot.positions = state[f"slots.{_slot_key(n)}.positions"].to(params[n].device)
-                slot.values = nn.Parameter(state[f"slots.{_slot_key(n)}.values"].to(params[n].device).clone())
-        else:
+        """Restore `trainable_state_dict()` output, switching to the stage it was saved in."""
+        params = dict(self.model.named_parameters())
+
+        def get(n, key):
+            return state[f"slots.{_slot_key(n)}.{key}"].to(params[n].device)
+
+        if any(k.endswith(".positions") for k in state):
+            self.slots = nn.ModuleDict({_slot_key(n): _FixedSlot(get(n, "positions"), get(n, "values").clone())
+                                        for n in self.diff_names})
+            self._stage = "fixed"
+        elif any(k.endswith(".candidates") for k in state):
+            self.slots = nn.ModuleDict({_slot_key(n): _CandidateSlot(params[n], self.config, get(n, "candidates"))
+                                        for n in self.diff_names})
+            self._stage = "l0"
             slot_state = {k[len("slots."):]: v for k, v in state.items() if k.startswith("slots.")}
             self.slots.load_state_dict(slot_state)
-        params = dict(self.model.named_parameters())
+        elif any(k.startswith("slots.") for k in state):
+            if self._stage != "l0":
+                raise DiffModeError("this checkpoint holds a dense L0 state; the model is in stage " + self._stage)
+            slot_state = {k[len("slots."):]: v for k, v in state.items() if k.startswith("slots.")}
+            self.slots.load_state_dict(slot_state)
         for n in self.head_names:
             params[n].copy_(state[f"head.{n}"])

@@ -1,0 +1,162 @@
+"""Per-layer diffs: each module that owns a diffed tensor computes theta + delta when it runs.
+
+`DiffModel` attaches one `_Site` to every module of the wrapped model that directly owns a diffed
+parameter (``module._parameters``, so a weight tied between two modules has two sites and one
+diff). A forward pre-hook puts the effective tensor theta + delta in place of the parameter for the
+duration of that module's forward, and a forward hook (``always_call``, so also after an
+exception) puts the frozen parameter back. So:
+
+* the effective weight of a layer exists from that layer's forward until its backward (autograd
+  keeps it as that layer's saved tensor, exactly as long as the layer's own activations), never
+  all layers' at once up front;
+* with ``recompute=True`` it is not even kept that long: the tensors autograd saves that share the
+  effective weight's storage are replaced by a note, and the weight is computed again, from the
+  same gate noise, when that layer's backward needs it (one tensor's weight alive at a time);
+* activation checkpointing (``model.gradient_checkpointing_enable()`` of transformers, or
+  ``torch.utils.checkpoint`` around blocks) reruns the block's modules, so their hooks compute
+  the same effective weights again from the step's noise seed: nothing outside the checkpointed
+  block is needed;
+* ``model.generate`` and direct calls of the wrapped model see theta + delta as well.
+
+The step state (`Step`: the noise seed of this forward, which tensors already contributed their
+L0 term) lives on the DiffModel; the gate arithmetic is `DiffModel.effective`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Step:
+    """One forward pass: the gate-noise seed (None: deterministic gates) and the L0 bookkeeping."""
+
+    seed: int | None
+    with_l0: bool = False
+    l0: torch.Tensor | None = None
+    penalised: set = field(default_factory=set)
+    ran: set = field(default_factory=set)
+
+    def add_l0(self, name: str, value: torch.Tensor) -> None:
+        self.penalised.add(name)
+        self.l0 = value if self.l0 is None else self.l0 + value
+
+
+class _Site:
+    """The hooks of one module: swap its diffed parameters for theta + delta while it runs."""
+
+    def __init__(self, injector: "Injector", module: nn.Module, names: list[tuple[str, str]]):
+        self.injector = injector
+        self.names = names  # (attribute on the module, the DiffModel's name of the parameter)
+        self.stack: list = []
+        self.handles = [
+            module.register_forward_pre_hook(self.pre),
+            module.register_forward_hook(self.post, always_call=True),
+        ]
+
+    def pre(self, module: nn.Module, args):
+        inj = self.injector
+        if not inj.enabled:
+            self.stack.append(None)
+            return
+        dm = inj.dm
+        step = dm.current_step()
+        saved, effs = [], []
+        for local, name in self.names:
+            eff = dm.effective(name, step)
+            step.ran.add(name)
+            saved.append((local, module._parameters[local]))
+            # Replacing the value keeps the parameter's place in `_parameters` (and so the order of
+            # named_parameters()); a plain tensor there is what `module.weight` returns meanwhile.
+            module._parameters[local] = eff
+            effs.append((name, eff))
+        ctx = None
+        if inj.recompute and torch.is_grad_enabled() and not _outer_saved_tensor_hooks():
+            ctx = _RecomputeSaved(dm, step, effs)
+            ctx.__enter__()
+        self.stack.append((saved, ctx))
+
+    def post(self, module: nn.Module, args, output):
+        entry = self.stack.pop() if self.stack else None
+        if entry is None:
+            return
+        saved, ctx = entry
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+        for local, param in saved:
+            module._parameters[local] = param
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _RecomputeSaved(torch.autograd.graph.saved_tensors_hooks):
+    """Saved tensors that are (views of) an effective weight become a note; unpacking recomputes."""
+
+    def __init__(self, dm, step: Step, effs: list[tuple[str, torch.Tensor]]):
+        ptrs = {}
+        for name, eff in effs:
+            try:
+                ptrs[eff.untyped_storage().data_ptr()] = name
+            except (RuntimeError, NotImplementedError):
+                pass
+        seed = step.seed
+
+        def pack(t):
+            try:
+                name = ptrs.get(t.untyped_storage().data_ptr())
+            except (RuntimeError, NotImplementedError):
+                name = None
+            if name is None:
+                return t
+            return (_NOTE, name, seed, tuple(t.shape), t.stride(), t.storage_offset())
+
+        def unpack(x):
+            if isinstance(x, tuple) and len(x) == 6 and x[0] is _NOTE:
+                _, name, seed_, shape, stride, offset = x
+                with torch.no_grad():
+                    full = dm.effective(name, Step(seed=seed_), for_recompute=True)
+                return full.as_strided(shape, stride, offset)
+            return x
+
+        super().__init__(pack, unpack)
+
+
+_NOTE = object()
+
+
+def _outer_saved_tensor_hooks() -> bool:
+    """Whether saved-tensor hooks are active already (activation checkpointing): then those decide
+    what is kept, the effective weights included, and `_RecomputeSaved` stays out of their way."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(True) is not None
+
+
+class Injector:
+    """Every `_Site` of a DiffModel; `remove()` detaches them (merge_and_unload)."""
+
+    def __init__(self, dm, model: nn.Module, diff_names: list[str]):
+        self.dm = dm
+        self.enabled = True
+        self.recompute = False
+        wanted = set(diff_names)
+        by_id = {id(p): n for n, p in model.named_parameters() if n in wanted}
+        self.sites: list[_Site] = []
+        self.owners: dict[str, list[str]] = {n: [] for n in diff_names}
+        for mod_name, module in model.named_modules(remove_duplicate=True):
+            names = [(local, by_id[id(p)]) for local, p in module._parameters.items()
+                     if p is not None and id(p) in by_id]
+            if names:
+                self.sites.append(_Site(self, module, names))
+                for local, n in names:
+                    self.owners[n].append(f"{mod_name}.{local}" if mod_name else local)
+
+    def remove(self) -> None:
+        for site in self.sites:
+            site.remove()
+        self.sites = []
+        self.enabled = False

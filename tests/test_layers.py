@@ -1,0 +1,268 @@
+"""Per-layer diffs (`diffprune.layers`): the same loss and gradients as one functional call over the
+whole model on theta + delta, with activation checkpointing, with recomputed weights, with tied
+weights; generation equal to the merged model's."""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from diffprune import DiffModel, DiffPruningConfig, gates
+from diffprune.model import _tensor_seed
+
+from .tiny_models import CAUSAL_KINDS, bert_batch, causal_batch, tiny_bert, tiny_causal
+
+
+def _randomise(dm: DiffModel, seed: int = 3) -> None:
+    """Nonzero w and spread-out gate logits, so every gate regime (closed, open, in between) occurs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for slot in dm.slots.values():
+            slot.w.copy_(torch.randn(slot.w.shape, generator=g) * 0.05)
+            if slot.alpha is not None:
+                slot.alpha.copy_((torch.randn(slot.alpha.shape, generator=g) * 2).to(slot.alpha.dtype))
+            if slot.alpha_group is not None:
+                slot.alpha_group.fill_(0.7)
+
+
+def _reference_loss(dm: DiffModel, batch: dict, seed: int) -> torch.Tensor:
+    """What DiffModel computed before per-layer diffs: every theta + delta up front, one functional call."""
+    c = dm.config
+    torch.manual_seed(seed)
+    base_seed = int(torch.randint(0, 2**62, (1,)).item())
+    params, total = {}, None
+    for i, name in enumerate(dm.diff_names):
+        slot, t = dm._slot(name), dm._theta_of(name)
+        params[name], e = gates.gated_diff_and_l0(t, slot.w, slot.alpha, slot.alpha_group, _tensor_seed(base_seed, i),
+                                                  c.stretch_l, c.stretch_r, c.group_penalty)
+        total = e if total is None else total + e
+    dm._injector.enabled = False
+    try:
+        out = functional_call(dm.model, params, (), batch, tie_weights=True, strict=False)
+    finally:
+        dm._injector.enabled = True
+    return out.loss + c.l0_lambda * total
+
+
+def _loss_and_grads(dm: DiffModel, fn) -> tuple[float, dict[str, torch.Tensor]]:
+    dm.zero_grad(set_to_none=True)
+    loss = fn()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in dm.named_parameters() if p.requires_grad and p.grad is not None}
+    dm.zero_grad(set_to_none=True)
+    return float(loss), grads
+
+
+def _assert_same(a, b, rtol=1e-5, atol=1e-7):
+    loss_a, ga = a
+    loss_b, gb = b
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert set(ga) == set(gb) and ga
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=rtol, atol=atol, msg=n)
+
+
+def _model(kind):
+    if kind == "bert":
+        m = tiny_bert()
+        return m, bert_batch(m)
+    m = tiny_causal(kind)
+    return m, causal_batch(m)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("kind", ["bert", *CAUSAL_KINDS])
+def test_per_layer_equals_whole_model_functional_call(kind, structured):
+    model, batch = _model(kind)
+    dm = DiffModel(model, DiffPruningConfig(structured=structured, l0_lambda=1e-3)).train()
+    _randomise(dm)
+    ref = _loss_and_grads(dm, lambda: _reference_loss(dm, batch, seed=11))
+    torch.manual_seed(11)
+    got = _loss_and_grads(dm, lambda: dm(**batch).loss)
+    _assert_same(got, ref)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind, reentrant):
+    model, batch = _model(kind)
+    dm = DiffModel(model, DiffPruningConfig(structured=True, l0_lambda=1e-3)).train()
+    _randomise(dm)
+    ref = _loss_and_grads(dm, lambda: _reference_loss(dm, batch, seed=5))
+    dm.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    assert dm.checkpointing()
+    torch.manual_seed(5)
+    got = _loss_and_grads(dm, lambda: dm(**batch).loss)
+    _assert_same(got, ref)
+
+
+def test_torch_checkpoint_per_block_gives_the_same_loss_and_gradients():
+    from torch.utils.checkpoint import checkpoint
+
+    model, batch = _model("llama")
+    dm = DiffModel(model, DiffPruningConfig(l0_lambda=1e-3)).train()
+    _randomise(dm)
+    ref = _loss_and_grads(dm, lambda: _reference_loss(dm, batch, seed=2))
+    for layer in model.model.layers:  # wrap each decoder block's forward by hand
+        inner = layer.forward
+        layer.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+    torch.manual_seed(2)
+    got = _loss_and_grads(dm, lambda: dm(**batch).loss)
+    _assert_same(got, ref)
+
+
+@pytest.mark.parametrize("stage", ["l0", "fixed"])
+def test_recomputed_weights_same_gradients_and_not_kept(stage, monkeypatch):
+    model, batch = _model("llama")
+    dm = DiffModel(model, DiffPruningConfig(l0_lambda=1e-3)).train()
+    _randomise(dm)
+    if stage == "fixed":
+        dm.project(0.05)
+    torch.manual_seed(4)
+    plain = _loss_and_grads(dm, lambda: dm(**batch).loss)
+    dm.recompute_weights = True
+    torch.manual_seed(4)
+    again = _loss_and_grads(dm, lambda: dm(**batch).loss)
+    _assert_same(again, plain, rtol=0, atol=0)  # the same numbers: recomputed from the same noise
+
+    # After the forward, with recompute on autograd holds no reference to any layer's effective
+    # weight (its storage's use count is what our own reference gives it); without, every one is held.
+    made = []
+    real = DiffModel.effective
+
+    def spy(self, name, step, for_recompute=False):
+        out = real(self, name, step, for_recompute)
+        if not for_recompute and out.numel() >= 32 * 32:
+            made.append(out)
+        return out
+
+    def refs(t):
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+    monkeypatch.setattr(DiffModel, "effective", spy)
+    counts = {}
+    for recompute in (True, False):
+        dm.recompute_weights = recompute
+        made.clear()
+        loss = dm(**batch).loss
+        gc.collect()
+        counts[recompute] = [refs(t) for t in made]
+        loss.backward()
+        dm.zero_grad(set_to_none=True)
+    assert len(counts[True]) == len(counts[False]) > 0
+    pairs = list(zip(counts[True], counts[False]))
+    # every one but the embedding (whose backward needs only the token ids) is held without recompute
+    assert all(a <= b for a, b in pairs) and sum(a < b for a, b in pairs) == len(pairs) - 1, counts
+
+
+def test_tied_weights_are_diffed_once_and_both_uses_see_the_diff():
+    model, batch = _model("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    dm = DiffModel(model, DiffPruningConfig(l0_lambda=1e-3)).train()
+    assert "transformer.wte.weight" in dm.diff_names and "lm_head.weight" not in dm.diff_names
+    assert sorted(dm._injector.owners["transformer.wte.weight"]) == ["lm_head.weight", "transformer.wte.weight"]
+    _randomise(dm)
+    ref = _loss_and_grads(dm, lambda: _reference_loss(dm, batch, seed=9))
+    torch.manual_seed(9)
+    got = _loss_and_grads(dm, lambda: dm(**batch).loss)
+    _assert_same(got, ref)
+    # the penalty counts the tied tensor once: loss - task loss == lambda * E[L0] of every tensor
+    dm.eval()
+    with torch.no_grad():
+        merged = copy.deepcopy(dm).merge_and_unload().eval()
+        assert merged.lm_head.weight is merged.transformer.wte.weight
+        torch.testing.assert_close(dm(**batch).logits, merged(**batch).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_a_deep_copy_keeps_its_own_hooks():
+    model, batch = _model("llama")
+    dm = DiffModel(model, DiffPruningConfig()).eval()
+    _randomise(dm)
+    twin = copy.deepcopy(dm)
+    with torch.no_grad():
+        for slot in twin.slots.values():
+            slot.w.zero_()  # the copy's diff is now zero: its outputs are the base model's
+        base_out = copy.deepcopy(twin).merge_and_unload()(**batch).logits
+        torch.testing.assert_close(twin(**batch).logits, base_out)
+        assert not torch.allclose(dm(**batch).logits, base_out)
+
+
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
+def test_generate_equals_the_merged_model_token_for_token(kind):
+    model, batch = _model(kind)
+    dm = DiffModel(model, DiffPruningConfig())
+    _randomise(dm)
+    prompt = batch["input_ids"][:, :5]
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    merged_l0 = copy.deepcopy(dm).merge_and_unload().eval()
+    dm.eval()
+    # L0 stage: each decoding step's modules compute theta + delta (deterministic gates)
+    torch.testing.assert_close(dm.generate(prompt, **kwargs), merged_l0.generate(prompt, **kwargs), rtol=0, atol=0)
+    dm.project(0.05)
+    before = {n: p.detach().clone() for n, p in dm.model.named_parameters()}
+    merged = copy.deepcopy(dm).merge_and_unload().eval()
+    out = dm.generate(prompt, **kwargs)
+    torch.testing.assert_close(out, merged.generate(prompt, **kwargs), rtol=0, atol=0)
+    assert out.shape == (prompt.shape[0], prompt.shape[1] + 8) or out.shape[1] <= prompt.shape[1] + 8
+    for n, p in dm.model.named_parameters():  # the in-place merge for generate was reverted bit-exactly
+        assert torch.equal(p, before[n]), n
+    # and differs from the base model's greedy output (the diff does something)
+    base = tiny_causal(kind).eval()
+    assert not torch.equal(base.generate(prompt, **kwargs), out) or not torch.allclose(
+        base(input_ids=prompt).logits, dm(input_ids=prompt).logits)
+
+
+def test_alpha_in_bf16_trains_and_stays_bf16():
+    model, batch = _model("bert")
+    dm = DiffModel(model, DiffPruningConfig(alpha_dtype="bf16", l0_lambda=1e-3)).train()
+    slot = next(iter(dm.slots.values()))
+    assert slot.alpha.dtype == torch.bfloat16 and slot.w.dtype == torch.float32
+    fp32 = DiffModel(tiny_bert(), DiffPruningConfig(l0_lambda=1e-3)).train()
+    for m in (dm, fp32):
+        _randomise(m)
+    torch.manual_seed(1)
+    l_bf, g_bf = _loss_and_grads(dm, lambda: dm(**batch).loss)
+    torch.manual_seed(1)
+    l_32, g_32 = _loss_and_grads(fp32, lambda: fp32(**batch).loss)
+    assert l_bf == pytest.approx(l_32, rel=1e-2)
+    a = next(n for n in g_bf if n.endswith(".alpha"))
+    assert g_bf[a].dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(g_bf[a].float().flatten(), g_32[a].flatten(), dim=0) > 0.99
+    opt = torch.optim.AdamW(dm.param_groups(lr=1e-3, alpha_lr=0.1))
+    dm(**batch).loss.backward()
+    opt.step()
+    assert slot.alpha.dtype == torch.bfloat16
+    assert all(v.dtype == torch.bfloat16 for v in opt.state[slot.alpha].values() if v.dim())
+
+
+def test_candidates_everywhere_equal_the_dense_l0_stage():
+    """With every entry a candidate, the candidate-restricted L0 stage is the dense one exactly."""
+    model, batch = _model("llama")
+    dense = DiffModel(copy.deepcopy(model), DiffPruningConfig(l0_lambda=1e-3, structured=True)).train()
+    cand = DiffModel(model, DiffPruningConfig(l0_lambda=1e-3, structured=True, candidates=0.999)).train()
+    assert cand.stage == "warmup" and not list(cand.slots.parameters())
+    cand.set_candidates({n: torch.arange(dense._theta_of(n).numel()) for n in cand.diff_names})
+    assert cand.stage == "l0"
+    _randomise(dense)
+    with torch.no_grad():
+        for name in dense.diff_names:
+            for attr in ("w", "alpha", "alpha_group"):
+                getattr(cand._slot(name), attr).copy_(getattr(dense._slot(name), attr).reshape(-1)
+                                                      if attr != "alpha_group" else getattr(dense._slot(name), attr))
+    torch.manual_seed(3)
+    ld, gd = _loss_and_grads(dense, lambda: dense(**batch).loss)
+    torch.manual_seed(3)
+    lc, gc_ = _loss_and_grads(cand, lambda: cand(**batch).loss)
+    assert lc == pytest.approx(ld, rel=1e-6)
+    for n in gd:
+        torch.testing.assert_close(gc_[n].reshape(gd[n].shape), gd[n], rtol=1e-5, atol=1e-7, msg=n)
+    dense.project(0.05)
+    cand.project(0.05)
+    a, b = dense.to_sparse_diff(), cand.to_sparse_diff()
+    for n in dense.diff_names:
+        assert torch.equal(a.indices[n], b.indices[n]), n
+        torch.testing.assert_close(a.values[n], b.values[n])
