@@ -30,6 +30,15 @@ class MethodError(DiffPruneError):
     """A method cannot be built or loaded (e.g. a missing optional package)."""
 
 
+def _options(cfg) -> dict:
+    """The memory options of a TrainConfig (`TrainConfig.memory_options`), standard ones without one."""
+    from . import lean
+
+    if cfg is None or not hasattr(cfg, "memory_options"):
+        return dict(lean.STANDARD)
+    return cfg.memory_options(accelerator=torch.cuda.is_available())
+
+
 @dataclass
 class Phase:
     name: str  # "l0" (first phase of the diff methods), "fixed" (after projection) or "train" (full / lora)
@@ -50,10 +59,12 @@ class Method:
     projects = False
     """Whether the method projects onto a budget between its phases (and so is scored after projection)."""
 
-    def state_bytes_per_parameter(self) -> int:
+    def state_bytes_per_parameter(self, cfg=None) -> float:
         """Training state beyond the loaded fp32 model, per parameter: gradients and AdamW moments of
-        what is trained (and for the diff methods w, the gate logits and the effective weights)."""
-        return 4 + 8  # full finetuning: a gradient and two moments per parameter
+        what is trained (and for the diff methods w, the gate logits and the effective weights), with
+        the memory options of `cfg` (a TrainConfig; None: the standard ones)."""
+        opts = _options(cfg)
+        return (0 if opts["optimizer_in_backward"] else 4) + 8  # full: a gradient and two moments per parameter
 
     # ---- training -----------------------------------------------------------------------------------
     def phases(self, cfg) -> list[Phase]:
@@ -100,22 +111,37 @@ class DiffMethod(Method):
     def phases(self, cfg) -> list[Phase]:
         return [Phase("l0", cfg.epochs, cfg.resolved_lr()), Phase("fixed", cfg.fixmask_epochs, cfg.fixmask_lr)]
 
-    def state_bytes_per_parameter(self) -> int:
+    def state_bytes_per_parameter(self, cfg=None) -> float:
         # L0 stage: w and alpha, their gradients, four AdamW moments, and theta + delta while a step runs
-        # (magnitude: no alpha); fp32 throughout
-        per_tensor = 2 if self.use_gates else 1
-        return per_tensor * (4 + 4 + 8) + 4
+        # (magnitude: no alpha). Lean options: no persistent gradients (optimizer in backward), alpha and
+        # its moments in bf16, effective weights recomputed; candidates: that state (plus int64
+        # positions) on the fraction c only, after a warm-up holding 2-byte scores for every entry.
+        opts = _options(cfg)
+        grads = 0 if opts["optimizer_in_backward"] else 1
+        w = 4 * (1 + grads) + 8
+        a = (2 if opts["alpha_dtype"] == "bf16" else 4) if self.use_gates else 0
+        alpha = a * (1 + grads) + 2 * a
+        effective = 0 if opts["recompute_weights"] else 4
+        c = getattr(cfg, "candidates", None) if self.use_gates else None
+        if c is None:
+            return w + alpha + effective
+        return max(2.0, c * (w + alpha + 8)) + effective
 
     def build(self, base, missing, cfg):
         from .config import DEFAULT_HEAD_PATTERNS, DiffPruningConfig
         from .model import DiffModel
 
         heads = list(DEFAULT_HEAD_PATTERNS) + [re.escape(n) for n in missing]
+        opts = _options(cfg)
         config = DiffPruningConfig(
             target_sparsity=cfg.target_sparsity, l0_lambda=cfg.l0_lambda, structured=self.structured,
             group_penalty=cfg.group_penalty, use_gates=self.use_gates, head_parameters=heads,
+            alpha_dtype=opts["alpha_dtype"] if self.use_gates else "fp32",
+            candidates=getattr(cfg, "candidates", None) if self.use_gates else None,
         )
-        return DiffModel(base, config)
+        dm = DiffModel(base, config)
+        dm.recompute_weights = opts["recompute_weights"]
+        return dm
 
     def param_groups(self, model, phase, cfg):
         head_lr = (cfg.head_lr or phase.lr) if phase.name == "l0" else phase.lr
@@ -205,7 +231,7 @@ def _peft():
 class LoraMethod(Method):
     artefact: str = "adapter"
 
-    def state_bytes_per_parameter(self) -> int:
+    def state_bytes_per_parameter(self, cfg=None) -> float:
         return 0  # the adapters' state is a small fraction of the model at the ranks used here
 
     def build(self, base, missing, cfg):

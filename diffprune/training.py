@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from . import runs
+from . import lean, runs
 from ._io import atomic_path, atomic_write_text, proc_bytes
 from .batching import Encoded, collate, encode_dataset, pad_id, predict_outputs
 from .config import DiffPruningConfig
@@ -113,6 +113,22 @@ class TrainConfig:
     """Your own data: "classification" or "regression"; None infers it from the training labels."""
     check_memory: bool = True
     """Refuse to start when the training state clearly cannot fit in the memory available (`check_memory`)."""
+    memory: str = "standard"
+    """"lean" turns on every memory option below that this device can run (`diffprune.lean.LEAN`)."""
+    optimizer_in_backward: bool | None = None
+    """Step each tensor inside backward, no persistent gradients; clipping uses the previous step's norm."""
+    alpha_dtype: str | None = None
+    """Diff methods: gate logits (and their AdamW moments) in "fp32" or "bf16"."""
+    recompute_weights: bool | None = None
+    """Diff methods: recompute each layer's theta + delta in backward instead of keeping it."""
+    theta_dtype: str | None = None
+    """Frozen weights in "fp32" or "bf16" (accelerators only; the forward then runs under bf16 autocast)."""
+    gradient_checkpointing: bool = False
+    """The model's activation checkpointing (transformers' gradient_checkpointing_enable, non-reentrant)."""
+    candidates: float | None = None
+    """diff / structured: restrict the L0 stage to this fraction of entries, picked by an importance warm-up."""
+    candidate_warmup_steps: int = 200
+    """Batches of the importance warm-up (at most one epoch); the head trains meanwhile."""
 
     def resolved_lr(self) -> float:
         return float(self.lr) if self.lr is not None else DEFAULT_LR[self.method]
@@ -148,6 +164,22 @@ class TrainConfig:
             raise ConfigError(f"--value-dtype {self.value_dtype!r} is not one of fp32, bf16, fp16, int8")
         if not (self.max_grad_norm > 0):
             raise ConfigError(f"max_grad_norm {self.max_grad_norm!r} must be > 0")
+        lean.resolve(self.memory, self._memory_overrides(), accelerator=True)  # names and values
+        method = get_method(self.method)
+        if self.candidates is not None:
+            if not (getattr(method, "use_gates", False)):
+                raise ConfigError(f"--candidates restricts the L0 stage of diff / structured; --method {self.method} has none")
+            DiffPruningConfig(target_sparsity=self.target_sparsity, candidates=self.candidates)
+            if isinstance(self.candidate_warmup_steps, bool) or not isinstance(self.candidate_warmup_steps, int) \
+                    or self.candidate_warmup_steps < 1:
+                raise ConfigError(f"--candidate-warmup-steps {self.candidate_warmup_steps!r} must be an integer >= 1")
+
+    def _memory_overrides(self) -> dict:
+        return {k: getattr(self, k) for k in lean.STANDARD}
+
+    def memory_options(self, accelerator: bool) -> dict:
+        """The memory options this run trains with (`diffprune.lean.resolve`)."""
+        return lean.resolve(self.memory, self._memory_overrides(), accelerator)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,7 +190,8 @@ _RESUME_KEYS = (
     "task", "data_dir", "model", "method", "target_sparsity", "l0_lambda", "group_penalty", "epochs", "fixmask_epochs", "lr",
     "alpha_lr", "fixmask_lr", "batch_size", "max_seq_length", "max_train_samples", "seed", "train_file",
     "validation_file", "text_columns", "label_column", "max_eval_samples", "head_lr", "max_grad_norm", "lora_r",
-    "lora_alpha", "lora_dropout", "task_type",
+    "lora_alpha", "lora_dropout", "task_type", "alpha_dtype", "theta_dtype", "memory", "candidates",
+    "candidate_warmup_steps",
 )
 
 # Settings whose default changed after runs had been made without recording them: a checkpoint or
@@ -315,7 +348,10 @@ def _optimizer_to_safetensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]
                 tensors[f"state.{pid}.{key}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{pid}.{key}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    meta = {"param_groups": sd["param_groups"], "scalars": scalars}
+    if "in_backward" in sd:
+        meta["in_backward"] = sd["in_backward"]
+    return tensors, meta
 
 
 def _optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
@@ -326,7 +362,10 @@ def _optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict) ->
     for key, v in meta.get("scalars", {}).items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
+    out = {"state": state, "param_groups": meta["param_groups"]}
+    if "in_backward" in meta:
+        out["in_backward"] = meta["in_backward"]
+    return out
 
 
 def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -480,23 +519,102 @@ def available_memory(device) -> int | None:
     return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
-def check_memory(method, base, device) -> None:
+def check_memory(method, base, device, cfg=None) -> None:
     """Refuse before training when the method's state alone exceeds the memory available (activations
     come on top, so a run that passes may still be tight; one that fails here could not have finished)."""
     n = sum(p.numel() for p in base.parameters())
-    need = n * method.state_bytes_per_parameter()
+    per = method.state_bytes_per_parameter(cfg)
+    need = int(n * per)
     have = available_memory(device)
     if have is None or need <= have:
         return
+
     def size(b: int) -> str:
         return f"{b / 2**30:.1f} GiB" if need >= 2**30 else f"{b / 2**20:.1f} MiB"
 
+    hints = []
+    if getattr(method, "use_gates", False) and getattr(cfg, "candidates", None) is None:
+        for label, extra in (("--memory lean", {"memory": "lean"}),
+                             ("--memory lean --candidates 0.05", {"memory": "lean", "candidates": 0.05})):
+            if cfg is not None:
+                alt = dataclasses.replace(cfg, **extra)
+                hints.append(f"{label}: about {size(int(n * method.state_bytes_per_parameter(alt)))}")
+    hint = ("; " + "; ".join(hints)) if hints else ""
     raise TrainError(
         f"--method {method.name} needs about {size(need)} of training state for this model's {n:,} "
-        f"parameters ({method.state_bytes_per_parameter()} bytes each beyond the loaded weights, before "
-        f"activations) and {size(have)} is available; use a smaller model, --method lora, or a machine "
-        "with more memory (or pass --skip-memory-check to try anyway)"
+        f"parameters ({per:g} bytes each beyond the loaded weights, before activations) and {size(have)} is "
+        f"available{hint}; or use a smaller model, --method lora, or a machine with more memory (or pass "
+        "--skip-memory-check to try anyway)"
     )
+
+
+# ---- memory options and the candidate warm-up ----------------------------------------------------------
+def _adamw_settings(optimizer) -> dict:
+    g = optimizer.param_groups[0]
+    return {k: g[k] for k in ("betas", "eps", "weight_decay") if k in g}
+
+
+def _memory_setup(model, opts: dict, cfg: TrainConfig, device):
+    """Apply the memory options that act on the built model; returns the forward's autocast context."""
+    import contextlib
+
+    if cfg.gradient_checkpointing:
+        target = model if hasattr(model, "gradient_checkpointing_enable") else None
+        if target is None:
+            raise TrainError(f"--gradient-checkpointing: {type(model).__name__} has no gradient_checkpointing_enable()")
+        from .model import DiffModel
+
+        if isinstance(target, DiffModel):
+            target.gradient_checkpointing_enable()
+        else:
+            target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if opts["theta_dtype"] == "bf16":
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.requires_grad and p.is_floating_point():
+                    p.data = p.data.to(torch.bfloat16)
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _candidate_warmup(model, cfg: TrainConfig, train_enc: Encoded, spec, pad, acc, autocast, pos: Position,
+                      log_path, show: bool) -> None:
+    """The importance warm-up of candidate-restricted L0, then `set_candidates` (see `diffprune.candidates`)."""
+    from tqdm.auto import tqdm
+
+    from . import candidates
+
+    t0 = time.time()
+    steps = min(cfg.candidate_warmup_steps, math.ceil(len(train_enc) / cfg.batch_size))
+    perm = _permutation(cfg.seed, -1, 0, len(train_enc))
+    head = [p for p in model.model.parameters() if p.requires_grad]
+    head_opt = torch.optim.AdamW(head, lr=cfg.head_lr or cfg.resolved_lr(), weight_decay=0.0) if head else None
+    bar = tqdm(total=steps, disable=not show, dynamic_ncols=True, file=sys.stderr, desc="candidate warm-up")
+
+    def batches():
+        for step in range(steps):
+            idx = _local_indices(perm, step, cfg.batch_size, 0, 1)
+            batch = collate(train_enc, idx, pad, spec.is_regression)
+            yield {k: v.to(acc.device) for k, v in batch.items()}
+
+    def on_step(loss):
+        bar.set_postfix({"loss": f"{loss:.4f}"}, refresh=False)
+        bar.update(1)
+
+    scores = candidates.importance(model, batches(), head_opt, on_step=on_step, autocast=autocast)
+    bar.close()
+    chosen = candidates.select(scores, cfg.candidates)
+    del scores
+    model.set_candidates(chosen)
+    n = sum(int(v.numel()) for v in chosen.values())
+    seconds = time.time() - t0
+    pos.train_seconds += seconds
+    if log_path is not None:
+        _log(log_path, {"event": "candidates", "candidates": n, "fraction": cfg.candidates, "warmup_steps": steps,
+                        "seconds": round(seconds, 3)})
+    if show:
+        print(f"candidates: {n:,} entries ({cfg.candidates:.1%} of {model.n_diffed:,}) from a {steps}-batch "
+              f"importance warm-up ({seconds:.0f} s)", file=sys.stderr)
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------
@@ -541,6 +659,12 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.output_dir)
 
     # 1. everything that can fail on bad input, before the output directory is touched
+    opts = cfg.memory_options(accelerator=acc.device.type != "cpu")
+    if opts["optimizer_in_backward"] and world > 1:
+        raise TrainError(
+            f"--optimizer-in-backward (part of --memory lean) steps each process on its own gradient, before "
+            f"data-parallel averaging: train with one process, or pass --optimizer-in-backward false with {world}"
+        )
     ckpt = _check_output_dir(cfg)
     base_model = runs.resolve_model(cfg.model)
     with acc.main_process_first():
@@ -558,10 +682,11 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     base, tokenizer, missing = runs.load_base(base_model, spec.num_labels, spec.labels, spec.task_type, seed=cfg.seed)
     if cfg.check_memory:
-        check_memory(get_method(cfg.method), base, acc.device)
+        check_memory(get_method(cfg.method), base, acc.device, cfg)
     with runs.hf_quiet():
         model = get_method(cfg.method).build(base, missing, cfg)
     model.to(acc.device)
+    autocast = _memory_setup(model, opts, cfg, acc.device)
     pad = pad_id(tokenizer)
     train_enc = encode_dataset(tokenizer, data.train, spec.text_columns, cfg.max_seq_length)
     val_enc = encode_dataset(tokenizer, data.validation, spec.text_columns, cfg.max_seq_length)
@@ -605,7 +730,8 @@ def train(cfg: TrainConfig) -> dict:
 
     def timed_eval():
         t = time.time()
-        m = evaluate(acc, model, val_enc, spec, cfg.eval_batch_size, pad)
+        with autocast():
+            m = evaluate(acc, model, val_enc, spec, cfg.eval_batch_size, pad)
         pos.eval_seconds += time.time() - t
         return m
 
@@ -615,6 +741,8 @@ def train(cfg: TrainConfig) -> dict:
     if show:
         print(f"training: {clock.describe(phases, steps_per_epoch)}; the bars show the whole run's ETA as 'run ETA'",
               file=sys.stderr)
+    if getattr(model, "stage", None) == "warmup":
+        _candidate_warmup(model, cfg, train_enc, spec, pad, acc, autocast, pos, log_path if main else None, show)
     for pi, phase in enumerate(phases):
         if pi < pos.phase:
             continue
@@ -635,10 +763,16 @@ def train(cfg: TrainConfig) -> dict:
             continue
         method.start_phase(model, phase)
         optimizer = method.optimizer(model, phase, cfg)
+        if opts["optimizer_in_backward"]:
+            optimizer = lean.OptimizerInBackward(optimizer.param_groups, cfg.max_grad_norm,
+                                                 **_adamw_settings(optimizer))
         if ckpt is not None and pi == pos.phase and (pos.epoch or pos.step):
             opt_tensors, opt_meta = _load_safetensors(ckpt / "optimizer.safetensors")
             optimizer.load_state_dict(_optimizer_from_safetensors(opt_tensors, opt_meta))
-        wrapped, optimizer = acc.prepare(model, optimizer)
+        if opts["optimizer_in_backward"]:
+            wrapped = acc.prepare(model)
+        else:
+            wrapped, optimizer = acc.prepare(model, optimizer)
         params = [p for p in model.parameters() if p.requires_grad]
         total_steps = phase.epochs * steps_per_epoch
         for epoch in range(pos.epoch if pi == pos.phase else 0, phase.epochs):
@@ -656,9 +790,11 @@ def train(cfg: TrainConfig) -> dict:
                 idx = _local_indices(perm, step, cfg.batch_size, rank, world)
                 batch = collate(train_enc, idx, pad, spec.is_regression)
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
-                loss = wrapped(**batch).loss
+                with autocast():
+                    loss = wrapped(**batch).loss
                 acc.backward(loss)
-                acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                if not opts["optimizer_in_backward"]:  # else: clipped with the last step's norm, in backward
+                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if step_sleep:
@@ -714,6 +850,11 @@ def train(cfg: TrainConfig) -> dict:
                 pos.phase, pos.epoch = pi + 1, 0
             pos.wall_seconds = wall_before + time.time() - wall0
             _write_checkpoint(acc, out, model, optimizer, pos, settings)
+        if isinstance(optimizer, lean.OptimizerInBackward):
+            optimizer.close()
+            if main:
+                _log(log_path, {"event": "optimizer_in_backward", "phase": phase.name, "steps": optimizer.steps,
+                                "steps_over_max_grad_norm": optimizer.clipped_steps})
         acc.free_memory()
         del wrapped, optimizer
         pos.phase, pos.epoch, pos.step = pi + 1, 0, 0

@@ -77,6 +77,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--value-dtype", choices=("fp32", "bf16", "fp16", "int8"), default=d.value_dtype,
                    help="how the diff file stores the values (default fp32, exact; bf16/fp16 halve them; int8 with "
                         "per-block scales quarters them; see also `diffprune compress`)")
+    g = p.add_argument_group("memory (README, \"Training memory\")")
+    g.add_argument("--memory", choices=("standard", "lean"), default=d.memory,
+                   help="lean: the optimiser step inside backward, gate logits in bf16, effective weights "
+                        "recomputed in backward, and on a GPU frozen weights in bf16 (default standard)")
+    g.add_argument("--optimizer-in-backward", type=_bool, default=None, metavar="{true,false}",
+                   help="step each tensor as soon as its gradient is complete (no persistent gradients; "
+                        "clipping uses the previous step's norm; one process only)")
+    g.add_argument("--alpha-dtype", choices=("fp32", "bf16"), default=None, help="gate logits and their moments")
+    g.add_argument("--recompute-weights", type=_bool, default=None, metavar="{true,false}",
+                   help="recompute each layer's theta + delta in backward instead of keeping it")
+    g.add_argument("--theta-dtype", choices=("fp32", "bf16"), default=None,
+                   help="frozen weights (bf16: GPUs only, under bf16 autocast)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="the model's activation checkpointing")
+    g.add_argument("--candidates", type=float, default=None,
+                   help="diff / structured: restrict the L0 stage to this fraction of entries (e.g. 0.05), chosen "
+                        "by an importance warm-up: memory O(c n) instead of O(n)")
+    g.add_argument("--candidate-warmup-steps", type=int, default=d.candidate_warmup_steps,
+                   help="batches of that warm-up (default 200, at most one epoch)")
     g = p.add_argument_group("running")
     g.add_argument("--save-steps", type=int, default=d.save_steps,
                    help="checkpoint every N steps (default 500; 0: only at epoch ends)")
@@ -88,6 +106,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--debug-rank-hashes", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(run=run)
     return p
+
+
+def _bool(text: str) -> bool:
+    v = str(text).strip().lower()
+    if v in ("true", "1", "yes", "on"):
+        return True
+    if v in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
 
 
 def run(args) -> int:
@@ -104,7 +131,10 @@ def run(args) -> int:
         text_columns=args.text_columns, label_column=args.label_column, max_eval_samples=args.max_eval_samples,
         head_lr=args.head_lr, eval_batch_size=args.eval_batch_size, log_steps=args.log_steps,
         debug_rank_hashes=args.debug_rank_hashes, task_type=args.task_type, check_memory=not args.skip_memory_check,
-        value_dtype=args.value_dtype,
+        value_dtype=args.value_dtype, memory=args.memory, optimizer_in_backward=args.optimizer_in_backward,
+        alpha_dtype=args.alpha_dtype, recompute_weights=args.recompute_weights, theta_dtype=args.theta_dtype,
+        gradient_checkpointing=args.gradient_checkpointing, candidates=args.candidates,
+        candidate_warmup_steps=args.candidate_warmup_steps,
     )
     metrics = train(cfg)
     if metrics is not None:

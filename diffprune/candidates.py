@@ -1,0 +1,106 @@
+"""Candidate-restricted L0: an importance warm-up picks the c * n entries the L0 stage may use.
+
+    scores = importance(dm, batches)               # accumulated |dL/dtheta| per diffed entry
+    dm.set_candidates(select(scores, 0.05))        # the top 5%: w and alpha only there
+
+The warm-up runs the frozen model forward and backward over a few hundred batches with autograd on
+the diffed weights, adding each tensor's |gradient| into a bfloat16 accumulator the moment that
+gradient is complete (a post-accumulate-grad hook) and dropping the gradient: no optimiser state
+for theta, one tensor's gradient at a time, and 2 bytes per diffed entry for the scores. (A
+bfloat16 sum over a few hundred batches ranks entries to within its 8-bit mantissa; ties at the
+cut are broken by position.) The task head may train meanwhile (`head_optimizer`), so that the
+gradients are those of a head that has started to learn the task rather than of a random one.
+
+`select` keeps exactly round(c * n) entries, globally, without concatenating the scores: a
+histogram of the bfloat16 bit patterns (monotonic in the value for non-negative floats) finds the
+cut, then each tensor keeps its entries above it and, in position order, as many at it as the
+budget still needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+
+_CHUNK = 1 << 22
+
+
+def importance(dm, batches: Iterable[dict], head_optimizer=None, on_step=None,
+               autocast=contextlib.nullcontext) -> dict[str, torch.Tensor]:
+    """sum over `batches` of |dL/dtheta| per diffed entry (bfloat16, the diffed tensors' shapes)."""
+    if dm.stage != "warmup":
+        raise ValueError("importance() runs before the candidates are set (DiffModel.stage == 'warmup')")
+    theta = dm._theta()
+    scores = {n: torch.zeros(t.shape, dtype=torch.bfloat16, device=t.device) for n, t in theta.items()}
+    handles = []
+
+    def accumulate(name):
+        def hook(p):
+            scores[name].add_(p.grad.abs())
+            p.grad = None
+        return hook
+
+    for name, t in theta.items():
+        t.requires_grad_(True)
+        handles.append(t.register_post_accumulate_grad_hook(accumulate(name)))
+    was_training = dm.training
+    dm.train()
+    try:
+        for batch in batches:
+            with autocast():
+                loss = dm(**batch).loss
+            loss.backward()
+            if head_optimizer is not None:
+                head_optimizer.step()
+                head_optimizer.zero_grad(set_to_none=True)
+            if on_step is not None:
+                on_step(float(loss.detach()))
+    finally:
+        for h in handles:
+            h.remove()
+        for t in theta.values():
+            t.requires_grad_(False)
+            t.grad = None
+        dm.train(was_training)
+    return scores
+
+
+def _bits(chunk: torch.Tensor) -> torch.Tensor:
+    """The bfloat16 bit pattern of non-negative scores as int64 (order-preserving)."""
+    return chunk.contiguous().view(torch.int16).to(torch.int64)
+
+
+def select(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """Sorted flat positions of the round(fraction * n) highest scores across all tensors."""
+    n = sum(s.numel() for s in scores.values())
+    k = round(fraction * n)
+    if not 0 < k <= n:
+        raise ValueError(f"fraction {fraction} keeps {k} of {n} entries")
+    hist = None
+    for s in scores.values():
+        flat = s.reshape(-1)
+        if not torch.isfinite(flat).all():
+            raise ValueError("the importance scores are not finite: the warm-up diverged (lower the learning rate)")
+        for i in range(0, flat.numel(), _CHUNK):
+            h = torch.bincount(_bits(flat[i:i + _CHUNK]).clamp_(min=0), minlength=1 << 15)
+            hist = h if hist is None else hist + h
+    # the cut: the largest bit pattern b with count(bits >= b) >= k
+    above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # above[b] = count(bits >= b)
+    cut = int(torch.nonzero(above >= k).max())
+    need_at_cut = k - (int(above[cut + 1]) if cut + 1 < above.numel() else 0)
+    out = {}
+    for name, s in scores.items():
+        flat = s.reshape(-1)
+        keep = []
+        for i in range(0, flat.numel(), _CHUNK):
+            b = _bits(flat[i:i + _CHUNK])
+            pos = torch.nonzero(b > cut).squeeze(1)
+            if need_at_cut > 0:
+                tie = torch.nonzero(b == cut).squeeze(1)[:need_at_cut]
+                need_at_cut -= int(tie.numel())
+                pos = torch.cat([pos, tie])
+            keep.append(pos.add_(i))
+        out[name] = torch.sort(torch.cat(keep)).values if keep else torch.zeros(0, dtype=torch.int64)
+    return out

@@ -1,0 +1,198 @@
+"""Memory-lean training (issue 16): the optimiser step inside backward, candidate-restricted L0, the
+memory options of `diffprune train`, and the settings refused before any work."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from diffprune import DiffModel, DiffPruningConfig, SparseDiff
+from diffprune import candidates as cand
+from diffprune.errors import ConfigError
+from diffprune.lean import OptimizerInBackward
+from diffprune.methods import get_method
+from diffprune.training import TrainConfig, train
+
+from .helpers_cli import glue, one_thread, tiny_base  # noqa: F401
+from .tiny_models import bert_batch, tiny_bert
+
+
+def _steps(dm, batches, opt, clip=None):
+    for batch in batches:
+        torch.manual_seed(7)
+        dm(**batch).loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in dm.parameters() if p.requires_grad], clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _pair(**config):
+    a = DiffModel(tiny_bert(), DiffPruningConfig(l0_lambda=1e-3, **config)).train()
+    b = copy.deepcopy(a)
+    return a, b
+
+
+def _state(dm):
+    return {n: p.detach().clone() for n, p in dm.named_parameters() if p.requires_grad}
+
+
+def test_optimizer_in_backward_equals_adamw_without_clipping():
+    a, b = _pair(structured=True)
+    batches = [bert_batch(a.model, seed=s) for s in range(3)]
+    _steps(a, batches, torch.optim.AdamW(a.param_groups(lr=1e-2, alpha_lr=0.1, fused=False), weight_decay=0.0))
+    oib = OptimizerInBackward(b.param_groups(lr=1e-2, alpha_lr=0.1, fused=False), max_grad_norm=None, weight_decay=0.0)
+    _steps(b, batches, oib)
+    assert all(p.grad is None for p in b.parameters())
+    sa, sb = _state(a), _state(b)
+    for n in sa:
+        torch.testing.assert_close(sb[n], sa[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_optimizer_in_backward_clips_with_the_previous_steps_norm():
+    a, b = _pair()
+    batches = [bert_batch(a.model, seed=s) for s in range(2)]
+    params = [p for p in a.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(a.param_groups(lr=1e-2, fused=False), weight_decay=0.0)
+    # reference: step 1 unclipped, step 2 scaled by min(1, c / ||g_1||)
+    clip = 1e-4  # far below the gradient norm, so the scale matters
+    norms = []
+    for i, batch in enumerate(batches):
+        torch.manual_seed(7)
+        a(**batch).loss.backward()
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+        if i == 1:
+            for p in params:
+                p.grad.mul_(min(1.0, clip / (norms[0] + 1e-6)))
+        norms.append(norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    oib = OptimizerInBackward(b.param_groups(lr=1e-2, fused=False), max_grad_norm=clip, weight_decay=0.0)
+    _steps(b, batches, oib)
+    assert oib.last_norm == pytest.approx(norms[1], rel=1e-4) and oib.clipped_steps == 2
+    sa, sb = _state(a), _state(b)
+    for n in sa:
+        torch.testing.assert_close(sb[n], sa[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_optimizer_in_backward_state_round_trip_continues_identically():
+    a, b = _pair()
+    batches = [bert_batch(a.model, seed=s) for s in range(4)]
+    oa = OptimizerInBackward(a.param_groups(lr=1e-2, fused=False), max_grad_norm=1.0)
+    _steps(a, batches, oa)
+    ob = OptimizerInBackward(b.param_groups(lr=1e-2, fused=False), max_grad_norm=1.0)
+    _steps(b, batches[:2], ob)
+    sd = ob.state_dict()
+    ob.close()
+    ob2 = OptimizerInBackward(b.param_groups(lr=1e-2, fused=False), max_grad_norm=1.0)
+    ob2.load_state_dict(copy.deepcopy(sd))
+    _steps(b, batches[2:], ob2)
+    sa, sb = _state(a), _state(b)
+    for n in sa:
+        torch.testing.assert_close(sb[n], sa[n], rtol=1e-6, atol=1e-8, msg=n)
+
+
+def test_select_keeps_exactly_the_top_fraction_across_tensors():
+    g = torch.Generator().manual_seed(0)
+    scores = {"a": torch.rand(50, 7, generator=g).to(torch.bfloat16), "b": torch.rand(300, generator=g).to(torch.bfloat16),
+              "c": torch.zeros(40, dtype=torch.bfloat16)}
+    chosen = cand.select(scores, 0.1)
+    flat = torch.cat([scores[n].float().reshape(-1) for n in scores])
+    k = round(0.1 * flat.numel())
+    assert sum(v.numel() for v in chosen.values()) == k and chosen["c"].numel() == 0
+    kept = torch.cat([scores[n].float().reshape(-1)[chosen[n]] for n in scores])
+    dropped_max = max(float(scores[n].float().reshape(-1)[[i for i in range(scores[n].numel())
+                                                            if i not in set(chosen[n].tolist())]].max())
+                      for n in scores if scores[n].numel() > chosen[n].numel())
+    assert float(kept.min()) >= dropped_max
+    for v in chosen.values():
+        assert torch.equal(v, torch.sort(v).values) and v.unique().numel() == v.numel()
+
+
+def test_importance_accumulates_abs_gradients_without_keeping_them():
+    model = tiny_bert()
+    for m in model.modules():  # no dropout: the reference below draws no noise of its own
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    base = copy.deepcopy(model)
+    dm = DiffModel(model, DiffPruningConfig(candidates=0.1))
+    batches = [bert_batch(dm.model, seed=s) for s in range(2)]
+    scores = cand.importance(dm, batches)
+    assert all(not t.requires_grad and t.grad is None for t in dm._theta().values())
+    # reference: plain autograd on the base model, |grad| summed in float32
+    params = dict(base.named_parameters())
+    ref = {n: torch.zeros_like(params[n]) for n in scores}
+    base.train()
+    for batch in batches:
+        base.zero_grad()
+        base(**batch).loss.backward()
+        for n in ref:
+            ref[n] += params[n].grad.abs()
+    for n in ref:
+        assert scores[n].dtype == torch.bfloat16
+        torch.testing.assert_close(scores[n].float(), ref[n], rtol=2e-2, atol=1e-8, msg=n)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(candidates=1.0), "fraction in \\(0, 1\\)"),
+    (dict(candidates=0.001, target_sparsity=0.005), "below target_sparsity"),
+    (dict(candidates=0.05, method="magnitude"), "--method magnitude has none"),
+    (dict(theta_dtype="bf16"), "300x slower"),
+    (dict(memory="tiny"), "--memory 'tiny' is not one of standard, lean"),
+    (dict(candidate_warmup_steps=0, candidates=0.05), "--candidate-warmup-steps 0"),
+])
+def test_bad_memory_settings_fail_before_any_work(kw, match, tmp_path, tiny_base, glue):
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), task="rte", data_dir=str(glue), model=str(tiny_base),
+                      method=kw.pop("method", "structured"), progress=False, **kw)
+    with pytest.raises(ConfigError, match=match):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_state_estimate_follows_the_memory_options():
+    m = get_method("structured")
+    base = TrainConfig(output_dir="x")
+    assert m.state_bytes_per_parameter(base) == 36
+    assert m.state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean")) == 4 + 8 + 2 + 4
+    assert m.state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean", candidates=0.05)) == 2.0
+    assert get_method("full").state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean")) == 8
+
+
+def test_train_lean_with_candidates_end_to_end_and_resume(tmp_path, tiny_base, glue, monkeypatch):
+    import diffprune.training as training
+
+    kw = dict(task="rte", data_dir=str(glue), model=str(tiny_base), method="structured", memory="lean",
+              candidates=0.1, candidate_warmup_steps=3, target_sparsity=0.02, max_train_samples=64,
+              max_eval_samples=24, epochs=2, fixmask_epochs=1, batch_size=16, max_seq_length=32, progress=False,
+              save_steps=2)
+    ref = train(TrainConfig(output_dir=str(tmp_path / "ref"), **kw))
+    diff = SparseDiff.load(tmp_path / "ref")
+    assert ref["nnz"] == diff.nnz == round(0.02 * diff.n_diffed)
+    assert diff.config.candidates == 0.1 and diff.config.alpha_dtype == "bf16"
+    log = [json.loads(x) for x in (tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()]
+    ev = next(r for r in log if r.get("event") == "candidates")
+    assert ev["candidates"] == round(0.1 * diff.n_diffed) and ev["warmup_steps"] == 3
+    assert [r["phase"] for r in log if r.get("event") == "optimizer_in_backward"] == ["l0", "fixed"]
+
+    real = training._write_checkpoint
+    calls = []
+
+    def stop_after_second(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_write_checkpoint", stop_after_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(output_dir=str(tmp_path / "res"), **kw))
+    monkeypatch.setattr(training, "_write_checkpoint", real)
+    res = train(TrainConfig(output_dir=str(tmp_path / "res"), resume=True, **kw))
+    b = SparseDiff.load(tmp_path / "res")
+    assert res["nnz"] == ref["nnz"] and res["final"] == ref["final"]
+    for name in diff.indices:
+        assert torch.equal(diff.indices[name], b.indices[name])
+        torch.testing.assert_close(diff.values[name], b.values[name])
