@@ -7,6 +7,17 @@ Configurations, all on the same model, batch and sequence length:
 * ``l0``            diff pruning, L0 stage, unstructured (``DiffPruningConfig()``)
 * ``l0_structured`` diff pruning, L0 stage, structured (one group gate per tensor)
 * ``fixed``         diff pruning, fixed-mask stage after ``project(0.005)``
+* ``lora_qv8``      PEFT LoRA, r=8, alpha=16, on the query and value projections (PEFT's method
+                    comparison default), classification head trained (``modules_to_save``)
+* ``lora_all32``    PEFT LoRA, r=32, alpha=64, on every linear layer but the output head
+                    (``target_modules="all-linear"``), classification head trained
+
+Models: ``minilm`` (the pretrained all-MiniLM-L6-v2), ``bert-base`` and ``tiny`` (BERT shapes,
+random weights, sequence classification with 2 labels) and ``llama-tiny``, ``llama-0.5b``,
+``llama-1b`` (Llama shapes from ``LlamaConfig``, random weights, trained as causal LMs on
+``labels = input_ids``; for these LoRA uses task type ``CAUSAL_LM`` and trains no head).
+``llama-1b`` has Llama-3.2-1B's shapes (1.24 B parameters, tied embeddings; no llama3 RoPE
+scaling, which does not change the cost); ``llama-0.5b`` is a 0.50 B Llama of the same family.
 
 Each configuration lives in its own worker subprocess (a fresh process, so its peak memory is its
 own). The reference worker stays alive while each diffprune worker is measured against it in
@@ -21,9 +32,10 @@ batch are loaded) over the resident size at that point; CUDA, ``torch.cuda.max_m
 minus what was allocated after loading. So it counts everything training adds to a loaded model:
 gradients, optimiser state, diff state, activations, temporaries.
 
-    python benchmarks/train_cost.py --quick                  # < 1 min on a 2-core CPU (full, l0, fixed)
+    python benchmarks/train_cost.py --quick                  # < 1 min on a 2-core CPU (full, l0, fixed, lora_all32)
     python benchmarks/train_cost.py --model minilm --batch 32 --seq-len 128 --write
     python benchmarks/train_cost.py --model bert-base --batch 32 --seq-len 128 --write
+    python benchmarks/train_cost.py --model llama-1b --batch 8 --seq-len 512 --configs full lora_all32 fixed
     python benchmarks/train_cost.py --profile l0 --model minilm   # torch.profiler op table
 
 ``--write`` records a measurement (or, with ``--profile``, a profile) in
@@ -32,7 +44,11 @@ batch sizes and profiles already there are kept) and regenerates ``benchmarks/re
 section between ``<!-- notes -->`` and ``<!-- /notes -->`` in the existing Markdown file is kept.
 
 The last line printed is one JSON object with, at least, ``step_time_ratio_l0``,
-``step_time_ratio_fixmask``, ``peak_memory_ratio_l0`` and ``peak_memory_ratio_fixmask``.
+``step_time_ratio_fixmask``, ``peak_memory_ratio_l0`` and ``peak_memory_ratio_fixmask`` (when those
+configurations ran), and ``step_time_ratio_<config>`` / ``cpu_time_ratio_<config>`` /
+``peak_memory_ratio_<config>`` for every other configuration measured (e.g. ``..._lora_all32``).
+
+Adding a configuration: a name in ``CONFIGS``, a title in ``TITLES`` and one branch in ``setup()``.
 """
 
 from __future__ import annotations
@@ -52,13 +68,25 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-CONFIGS = ("full", "l0", "l0_structured", "fixed")
+CONFIGS = ("full", "l0", "l0_structured", "fixed", "lora_qv8", "lora_all32", "l0_lean", "candidates")
 TITLES = {
     "full": "full finetuning (AdamW)",
     "l0": "diffprune L0 stage, unstructured",
     "l0_structured": "diffprune L0 stage, structured",
     "fixed": "diffprune fixed-mask stage (0.5%)",
+    "lora_qv8": "PEFT LoRA r=8, query/value",
+    "lora_all32": "PEFT LoRA r=32, all linear layers",
+    "l0_lean": "diffprune L0 stage, --memory lean",
+    "candidates": "diffprune candidate L0 (5%), --memory lean, warm-up included",
 }
+CANDIDATE_FRACTION = 0.05
+CANDIDATE_WARMUP_STEPS = 2  # the warm-up's memory is per step (no state across steps); its time is not a step
+# the suffix of a configuration's keys in the summary (``step_time_ratio_<suffix>``); default: its name
+SUMMARY_SUFFIX = {"fixed": "fixmask"}
+# --quick: the four headline ratios and LoRA's widest configuration; the structured L0 stage and
+# lora_qv8 are left to full runs (one worker fewer each to start and measure)
+QUICK_CONFIGS = ("full", "l0", "fixed", "lora_all32", "l0_lean", "candidates")
+MODELS = ("minilm", "bert-base", "tiny", "llama-tiny", "llama-0.5b", "llama-1b")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,7 +109,24 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+# Llama shapes (random weights). llama-1b: Llama-3.2-1B's (hidden 2048, 16 layers, 32 heads, 8 KV heads,
+# intermediate 8192, vocab 128256, tied embeddings) = 1,235,814,400 parameters, 4.6 GiB in fp32, built in
+# about 37 s on one CPU thread (peak RSS of the build: 6.3 GB).
+# llama-0.5b: the same family at 24 x 1024 with intermediate 4864 and a 32000 vocabulary, untied
+# embeddings = 499,696,640 parameters, built in about 15 s on one thread.
+LLAMA_SHAPES = {
+    "llama-tiny": dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256),
+    "llama-0.5b": dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                       num_key_value_heads=8, intermediate_size=4864, max_position_embeddings=4096),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, intermediate_size=8192, max_position_embeddings=131072,
+                     rope_theta=500000.0, tie_word_embeddings=True),
+}
+
+
 def build_model(name: str, num_labels: int = 2):
+    """The model, fp32, seeded (``torch.manual_seed(0)``), built once in place (no second copy)."""
     import torch
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
@@ -96,7 +141,18 @@ def build_model(name: str, num_labels: int = 2):
         cfg = BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=128, num_labels=num_labels)
         return BertForSequenceClassification(cfg)
-    raise SystemExit(f"unknown model {name!r}: minilm, bert-base or tiny")
+    if name in LLAMA_SHAPES:  # decoder-only causal LM, random weights
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        shape = dict(LLAMA_SHAPES[name])
+        shape.setdefault("tie_word_embeddings", False)
+        return LlamaForCausalLM(LlamaConfig(**shape))
+    raise SystemExit(f"unknown model {name!r}: one of {', '.join(MODELS)}")
+
+
+def is_causal_lm(model) -> bool:
+    """A causal LM (trained on labels = input_ids) rather than a sequence classifier."""
+    return type(model).__name__.endswith("ForCausalLM")
 
 
 def make_batch(model, batch: int, seq_len: int, device):
@@ -104,33 +160,94 @@ def make_batch(model, batch: int, seq_len: int, device):
 
     g = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    # causal LM: next-token loss on the batch itself (the model shifts the labels)
+    labels = ids.clone() if is_causal_lm(model) else torch.randint(0, 2, (batch,), generator=g)
     return {
-        "input_ids": torch.randint(0, vocab, (batch, seq_len), generator=g).to(device),
+        "input_ids": ids.to(device),
         "attention_mask": torch.ones(batch, seq_len, dtype=torch.long).to(device),
-        "labels": torch.randint(0, 2, (batch,), generator=g).to(device),
+        "labels": labels.to(device),
     }
 
 
-def setup(config: str, model, adamw: str, lr: float = 2e-5):
-    """(module to call, optimiser, trainable parameters) for one configuration.
+# LoRA's query / value projections by module name, the first pair that the model has
+QV = "query and value projections"  # stands for the pair found in the model
+QV_NAMES = (("query", "value"), ("q_proj", "v_proj"), ("q", "v"))
+LORA = {  # PEFT's LoraConfig per configuration (dropout 0: no extra mask and copy per step)
+    "lora_qv8": dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=QV),
+    "lora_all32": dict(r=32, lora_alpha=64, lora_dropout=0.0, target_modules="all-linear"),
+}
+
+
+def _linear_names(model) -> set:
+    import torch
+
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def lora_model(config: str, model):
+    """``get_peft_model`` on the model with the configuration's LoraConfig.
+
+    Sequence classifiers: task type ``SEQ_CLS``, so PEFT trains a copy of the classification head
+    (``classifier`` / ``score`` in ``modules_to_save``) and leaves it out of ``all-linear``. Causal
+    LMs: task type ``CAUSAL_LM``, no head trained (``all-linear`` leaves out ``lm_head``).
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    kw = dict(LORA[config])
+    if kw["target_modules"] == QV:
+        have = _linear_names(model)
+        pair = next((p for p in QV_NAMES if set(p) <= have), None)
+        if pair is None:
+            raise SystemExit(f"{config}: no query/value projections ({' / '.join(map(str, QV_NAMES))}) in "
+                             f"{type(model).__name__}")
+        kw["target_modules"] = list(pair)
+    task = TaskType.CAUSAL_LM if is_causal_lm(model) else TaskType.SEQ_CLS
+    return get_peft_model(model, LoraConfig(task_type=task, bias="none", **kw))
+
+
+def setup(config: str, model, adamw: str, lr: float = 2e-5, batch: dict | None = None):
+    """(module to call, optimiser, trainable parameters) for one configuration: one branch each.
 
     Every configuration gets the same AdamW implementation: ``default`` (the per-tensor loop
     that ``torch.optim.AdamW`` uses on CPU unless told otherwise), ``foreach`` or ``fused``.
     diffprune's `param_groups` asks for the fused step by itself; here its groups are set to
     the implementation under test so that both sides of every ratio run the same optimiser code.
+    Learning rates do not change the cost; each method gets its usual one.
     """
     import torch
 
-    from diffprune import DiffModel, DiffPruningConfig
-
     impl = {"default": {"foreach": None, "fused": None}, "foreach": {"foreach": True, "fused": None},
             "fused": {"foreach": None, "fused": True}}[adamw]
+
+    def adamw_over(groups, lr):
+        for grp in groups:
+            grp.update(impl)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, **impl)
+
+    def trainable(module):
+        return [p for p in module.parameters() if p.requires_grad]
+
     if config == "full":
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        return model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **impl), params
-    dm = DiffModel(model, DiffPruningConfig(structured=(config == "l0_structured")))
-    if config == "fixed":
+        params = trainable(model)
+        return model, adamw_over([{"params": params}], lr), params
+    if config in LORA:
+        pm = lora_model(config, model)  # freezes the base weights; adapters (and head copy) trainable
+        pm.train()
+        params = trainable(pm)
+        return pm, adamw_over([{"params": params}], 1e-4), params
+
+    from diffprune import DiffModel, DiffPruningConfig
+
+    if config == "l0":
+        dm = DiffModel(model, DiffPruningConfig())
+        groups = dm.param_groups(lr=lr, alpha_lr=0.1)
+    elif config == "l0_structured":
+        dm = DiffModel(model, DiffPruningConfig(structured=True))
+        groups = dm.param_groups(lr=lr, alpha_lr=0.1)
+    elif config == "fixed":
+        dm = DiffModel(model, DiffPruningConfig())
         # A realistic mask: projection of a diff spread over every tensor (a zero diff would keep
         # the first k positions of the first tensor). Magnitudes are random; values start there.
         g = torch.Generator().manual_seed(2)
@@ -140,12 +257,31 @@ def setup(config: str, model, adamw: str, lr: float = 2e-5):
         dm.project(0.005)
         gc.collect()
         groups = dm.param_groups(lr=5e-5)
-    else:
+    elif config in ("l0_lean", "candidates"):
+        # --memory lean: gate logits in bf16, effective weights recomputed in backward, the AdamW
+        # step inside backward (its clipping: the previous step's norm, so `step` does not clip)
+        from diffprune import candidates
+        from diffprune.lean import OptimizerInBackward
+
+        frac = CANDIDATE_FRACTION if config == "candidates" else None
+        dm = DiffModel(model, DiffPruningConfig(alpha_dtype="bf16", candidates=frac))
+        dm.recompute_weights = True
+        if frac is not None:  # the importance warm-up, part of setup but inside the measured peak
+            scores = candidates.importance(dm, [batch] * CANDIDATE_WARMUP_STEPS)
+            dm.set_candidates(candidates.select(scores, frac))
+            del scores
+            gc.collect()
         groups = dm.param_groups(lr=lr, alpha_lr=0.1)
-    for grp in groups:
-        grp.update(impl)
+        for grp in groups:
+            grp.update(impl)
+        opt = OptimizerInBackward(groups, max_grad_norm=1.0, weight_decay=0.0)
+        params = [p for grp in groups for p in grp["params"]]
+        dm.train()
+        return dm, opt, params
+    else:
+        raise SystemExit(f"unknown configuration {config!r}: one of {', '.join(CONFIGS)}")
+    opt = adamw_over(groups, lr)
     params = [p for grp in groups for p in grp["params"]]
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, **impl)
     dm.train()
     return dm, opt, params
 
@@ -167,7 +303,11 @@ def worker_main(args) -> None:
         torch.cuda.reset_peak_memory_stats()
     else:
         base = _status_kib("VmRSS") * 1024
-    module, opt, params = setup(args.worker, model, args.adamw)
+    if not cuda:
+        _reset_peak_rss()  # so that the peak of setup itself can be read (the candidates' warm-up counts)
+    module, opt, params = setup(args.worker, model, args.adamw, batch=batch)
+    gc.collect()
+    setup_peak = (torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024) - base
     # The peak counts from here: for the fixed-mask stage the one-off projection (dense L0 state,
     # top-k) is setup, not training; what it leaves allocated still counts (base is from before).
     gc.collect()
@@ -177,10 +317,13 @@ def worker_main(args) -> None:
         reset_ok = _reset_peak_rss()
     n_trainable = sum(p.numel() for p in params)
 
+    in_backward = hasattr(opt, "clipped_steps")  # diffprune.lean.OptimizerInBackward: clips and steps in backward
+
     def step():
         out = module(**batch)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if not in_backward:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -206,7 +349,9 @@ def worker_main(args) -> None:
                 peak = torch.cuda.max_memory_allocated() - base
             else:
                 peak = _status_kib("VmHWM") * 1024 - base
-            proto.write(json.dumps({"peak_bytes": peak, "hwm_reset": True if cuda else reset_ok,
+            if args.worker == "candidates":  # the importance warm-up ran in setup: its peak counts too
+                peak = max(peak, setup_peak)
+            proto.write(json.dumps({"peak_bytes": peak, "setup_peak_bytes": setup_peak, "hwm_reset": True if cuda else reset_ok,
                                     "breakdown": _breakdown(module, model, opt, params)}) + "\n")
         elif cmd == "quit":
             break
@@ -216,10 +361,18 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _is_peft(module) -> bool:
+    return hasattr(module, "peft_config")
+
+
 def _breakdown(module, model, opt, params) -> dict:
     """Bytes of the persistent training state that setup and the steps add to the loaded model.
 
-    ``diff_state``: diffprune's slots (w and alpha, or kept values and their int64 positions);
+    ``diff_state``: the new weights a method adds to the loaded model: diffprune's slots (w and
+    alpha, or kept values and their int64 positions); for LoRA its adapter matrices (lora_A,
+    lora_B) and the trained copy of the classification head that ``modules_to_save`` makes (the
+    original head stays, frozen), i.e. its trainable parameters, all created by setup; 0 for full
+    finetuning, which trains the model's own weights.
     ``gradients``: one gradient per trainable tensor (alive from backward until zero_grad);
     ``optimizer_state``: AdamW's exp_avg / exp_avg_sq (and step counters). The rest of the peak is
     activations and temporaries (forward / backward / clipping / optimiser step).
@@ -227,10 +380,13 @@ def _breakdown(module, model, opt, params) -> dict:
     import torch
 
     diff = 0
-    if module is not model:
+    if _is_peft(module):
+        diff = _nbytes(p for p in module.parameters() if p.requires_grad)
+    elif module is not model:
         diff = _nbytes(list(module.slots.parameters()) + list(module.slots.buffers()))
     state = _nbytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
-    return {"diff_state": diff, "gradients": _nbytes(params), "optimizer_state": state}
+    grads = 0 if hasattr(opt, "clipped_steps") else _nbytes(params)  # in backward: one tensor's at a time, transient
+    return {"diff_state": diff, "gradients": grads, "optimizer_state": state}
 
 
 PROFILE_KEYS = ("GatedDiff", "GatedDiffBackward", "_SumProbNonzero", "_SumProbNonzeroBackward",
@@ -246,7 +402,7 @@ def profile_main(args) -> None:
     device = torch.device(args.device)
     model = build_model(args.model).to(device)
     batch = make_batch(model, args.batch, args.seq_len, device)
-    module, opt, params = setup(args.profile, model, args.adamw)
+    module, opt, params = setup(args.profile, model, args.adamw, batch=batch)
 
     def step():
         with record_function("## forward"):
@@ -370,6 +526,8 @@ def measure(args) -> dict:
         }
         pk = w.ask("peak")
         results[cfg]["peak_bytes"] = pk["peak_bytes"]
+        if pk.get("setup_peak_bytes") is not None:
+            results[cfg]["setup_peak_bytes"] = pk["setup_peak_bytes"]
         results[cfg]["breakdown"] = pk["breakdown"]
         ref_times += ref_round
         ref_cpu += cpu_ref
@@ -392,17 +550,30 @@ def measure(args) -> dict:
         "threads": args.threads, "adamw": args.adamw, "steps_per_round": args.steps, "rounds": args.rounds,
         "seconds": round(time.time() - t_start, 1), "configs": results,
     }
-    short = {"l0": "l0", "l0_structured": "l0_structured", "fixed": "fixmask"}
-    for cfg in configs:
-        summary[f"step_time_ratio_{short[cfg]}"] = round(results[cfg]["step_time_ratio"], 4)
-        summary[f"cpu_time_ratio_{short[cfg]}"] = round(results[cfg]["cpu_time_ratio"], 4)
-        summary[f"peak_memory_ratio_{short[cfg]}"] = round(results[cfg]["peak_memory_ratio"], 4)
+    summary.update(ratio_keys(results))
     return summary
+
+
+def ratio_keys(results: dict) -> dict:
+    """The summary's flat ratio keys, ``<metric>_<suffix>`` for every configuration measured against
+    full finetuning (``..._l0``, ``..._fixmask``, ``..._lora_all32``, ...)."""
+    out = {}
+    for cfg in results:
+        if cfg == "full":
+            continue
+        suffix = SUMMARY_SUFFIX.get(cfg, cfg)
+        for metric in ("step_time_ratio", "cpu_time_ratio", "peak_memory_ratio"):
+            out[f"{metric}_{suffix}"] = round(results[cfg][metric], 4)
+    if "candidates" in results and "lora_all32" in results:
+        # candidate L0 against LoRA r=32 (all linear): the ratio of their ratios to the same full reference
+        for metric in ("step_time_ratio", "peak_memory_ratio"):
+            out[f"{metric}_candidates_vs_lora"] = round(results["candidates"][metric] / results["lora_all32"][metric], 4)
+    return out
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="minilm", choices=["minilm", "bert-base", "tiny"])
+    p.add_argument("--model", default="minilm", choices=MODELS)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
@@ -410,7 +581,7 @@ def main(argv=None) -> None:
     p.add_argument("--adamw", default="fused", choices=["default", "foreach", "fused"],
                    help="AdamW implementation, the same for every configuration")
     p.add_argument("--configs", nargs="+", default=None, choices=CONFIGS,
-                   help="default: all four; with --quick: full, l0 and fixed (the four ratios it prints)")
+                   help="default: all of them; with --quick: " + ", ".join(QUICK_CONFIGS))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=2, help="steps per configuration per round")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds per diffprune configuration")
@@ -433,8 +604,8 @@ def main(argv=None) -> None:
         args.batch, args.seq_len = min(args.batch, 8), min(args.seq_len, 64)
         args.warmup, args.steps, args.rounds = 1, 1, 3
         args.parallel_start = True
-        if args.configs is None:  # one worker fewer to start: the structured L0 stage is left to full runs
-            args.configs = ["full", "l0", "fixed"]
+        if args.configs is None:
+            args.configs = list(QUICK_CONFIGS)
     if args.configs is None:
         args.configs = list(CONFIGS)
     if args.worker:

@@ -38,7 +38,7 @@ def importance(dm, batches: Iterable[dict], head_optimizer=None, on_step=None,
 
     def accumulate(name):
         def hook(p):
-            scores[name].add_(p.grad.abs())
+            scores[name].add_(p.grad.abs_())  # in place: the gradient is dropped next
             p.grad = None
         return hook
 

@@ -105,6 +105,11 @@ class OptimizerInBackward:
                 self.clipped_steps += 1
             self._coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
 
+    @property
+    def state(self) -> dict:
+        """AdamW state per tensor (as `torch.optim.Optimizer.state`)."""
+        return {p: self._opts[id(p)][0].state[p] for p in self._order if p in self._opts[id(p)][0].state}
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self._order:
             p.grad = None

@@ -8,6 +8,7 @@ the wrapped model called on theta + delta, and the L0 penalty from `gates.expect
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,11 @@ def _plain_step(dm, batch, step_seed):
             d = d * (torch.sigmoid(torch.logit(ug) + slot.alpha_group) * (r - l) + l).clamp(0, 1)
         params[name] = theta[name] + d
         penalty = penalty + gates.expected_nonzeros(slot.alpha, slot.alpha_group, l, r, c.group_penalty)
-    out = functional_call(dm.model, params, (), batch, tie_weights=True, strict=False)
+    dm._injector.enabled = False  # the plain way: no per-layer hooks, theta + delta passed in whole
+    try:
+        out = functional_call(dm.model, params, (), batch, tie_weights=True, strict=False)
+    finally:
+        dm._injector.enabled = True
     return out.loss + c.l0_lambda * penalty
 
 
@@ -113,8 +118,12 @@ def test_fixed_stage_gradients_match_plain_reference():
     # plain: dense delta tensors (leaves), gradient read at the kept positions
     deltas = {n: d.requires_grad_() for n, d in dm.delta().items()}
     theta = dict(dm.model.named_parameters())
-    out = functional_call(dm.model, {n: theta[n] + deltas[n] for n in dm.diff_names}, (), batch,
-                          tie_weights=True, strict=False)
+    dm._injector.enabled = False  # the plain way, without the per-layer hooks
+    try:
+        out = functional_call(dm.model, {n: theta[n] + deltas[n] for n in dm.diff_names}, (), batch,
+                              tie_weights=True, strict=False)
+    finally:
+        dm._injector.enabled = True
     out.loss.backward()
     ref = {n: p.grad.detach().clone() for n, p in dm.named_parameters() if p.grad is not None}
     for n in dm.diff_names:
@@ -151,7 +160,7 @@ def _bench_module():
     return mod
 
 
-@pytest.mark.parametrize("config", ["full", "l0", "l0_structured", "fixed"])
+@pytest.mark.parametrize("config", ["full", "l0", "l0_structured", "fixed", "lora_qv8", "lora_all32"])
 def test_benchmark_configurations_train(config):
     bench = _bench_module()
     model = bench.build_model("tiny")
@@ -176,3 +185,102 @@ def test_benchmark_cli_quick_prints_ratios_last():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("step_time_ratio_l0", "step_time_ratio_fixmask", "peak_memory_ratio_l0", "peak_memory_ratio_fixmask"):
         assert result[key] > 0
+
+
+@pytest.mark.parametrize("config,targets", [("lora_qv8", {"query", "value"}),
+                                            ("lora_all32", {"query", "key", "value", "dense"})])
+def test_benchmark_lora_trains_adapters_and_head_only(config, targets):
+    """LoRA on a sequence classifier: adapters on the chosen projections plus PEFT's trained copy of
+    the head; nothing else trainable; the breakdown's diff state is exactly those new tensors."""
+    bench = _bench_module()
+    model = bench.build_model("tiny")
+    batch = bench.make_batch(model, 2, 16, torch.device("cpu"))
+    module, opt, params = bench.setup(config, model, "fused")
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert {n for n in names if "lora_" not in n} == {
+        "base_model.model.classifier.modules_to_save.default.weight",
+        "base_model.model.classifier.modules_to_save.default.bias"}
+    lora_targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names if "lora_" in n}
+    assert lora_targets == targets
+    assert not any("classifier" in n and "lora_" in n for n in names)  # the head is trained, not adapted
+    r = bench.LORA[config]["r"]
+    assert all(min(p.shape) == r for n, p in module.named_parameters() if "lora_" in n)
+    module(**batch).loss.backward()
+    opt.step()
+    b = bench._breakdown(module, model, opt, params)
+    assert b["diff_state"] == b["gradients"] == sum(p.numel() * 4 for p in params)
+    assert b["optimizer_state"] >= 2 * b["gradients"]
+
+
+def test_benchmark_llama_tiny_causal_lm():
+    """llama-tiny is a causal LM trained on labels = input_ids (loss about ln(vocab) at random init);
+    LoRA on it takes task type CAUSAL_LM: adapters on every linear layer but lm_head, no head trained."""
+    bench = _bench_module()
+    model = bench.build_model("llama-tiny")
+    assert bench.is_causal_lm(model) and not bench.is_causal_lm(bench.build_model("tiny"))
+    batch = bench.make_batch(model, 2, 16, torch.device("cpu"))
+    assert torch.equal(batch["labels"], batch["input_ids"])
+    with torch.no_grad():
+        loss = float(model(**batch).loss)
+    assert abs(loss - math.log(model.config.vocab_size)) < 0.5
+    module, opt, params = bench.setup("lora_all32", model, "fused")
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    losses = []
+    for _ in range(3):
+        out = module(**batch)
+        losses.append(float(out.loss.detach()))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert losses[0] == pytest.approx(loss, rel=1e-5)  # B starts at zero: LoRA begins at the base model
+    assert losses[-1] < losses[0]
+
+
+def test_benchmark_lora_qv_targets_by_module_name():
+    """lora_qv8 finds the query/value pair by module name: BERT's query/value, Llama's q_proj/v_proj."""
+    bench = _bench_module()
+    pm = bench.lora_model("lora_qv8", bench.build_model("llama-tiny"))
+    assert set(pm.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
+    pm = bench.lora_model("lora_qv8", bench.build_model("tiny"))
+    assert set(pm.peft_config["default"].target_modules) == {"query", "value"}
+
+
+def test_benchmark_ratio_keys_for_every_configuration():
+    bench = _bench_module()
+    one = {"step_time_ratio": 1.5, "cpu_time_ratio": 1.4, "peak_memory_ratio": 0.5}
+    keys = bench.ratio_keys({"full": {}, "l0": one, "fixed": one, "lora_all32": one})
+    for suffix in ("l0", "fixmask", "lora_all32"):
+        for metric in ("step_time_ratio", "cpu_time_ratio", "peak_memory_ratio"):
+            assert keys[f"{metric}_{suffix}"] == one[metric]
+    assert len(keys) == 9
+
+
+def _cli(*args):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "train_cost.py"), *args, "--batch", "2", "--seq-len", "16",
+         "--warmup", "1", "--steps", "1", "--rounds", "1", "--parallel-start", "--json-only"],
+        capture_output=True, text=True, timeout=300, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # worker subprocesses: each imports torch, transformers and peft (tens of seconds)
+def test_benchmark_cli_tiny_lora_ratios():
+    result = _cli("--model", "tiny", "--configs", "full", "lora_qv8", "lora_all32")
+    for cfg in ("lora_qv8", "lora_all32"):
+        for metric in ("step_time_ratio", "peak_memory_ratio"):
+            assert result[f"{metric}_{cfg}"] > 0
+        b = result["configs"][cfg]["breakdown"]
+        assert b["diff_state"] == b["gradients"] > 0
+    assert result["configs"]["lora_qv8"]["trainable"] < result["configs"]["lora_all32"]["trainable"]
+    assert result["configs"]["lora_all32"]["trainable"] < result["configs"]["full"]["trainable"]
+
+
+@pytest.mark.slow
+def test_benchmark_cli_llama_tiny_full_and_lora():
+    result = _cli("--model", "llama-tiny", "--configs", "full", "lora_all32")
+    assert result["step_time_ratio_lora_all32"] > 0 and result["peak_memory_ratio_lora_all32"] > 0
+    assert result["configs"]["lora_all32"]["trainable"] == 65536  # 2 layers x 7 projections x r 32 x (in + out)
