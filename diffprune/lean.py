@@ -122,11 +122,9 @@ class OptimizerInBackward:
 
     def state_dict(self) -> dict:
         state, groups, i = {}, [], 0
-        index = {}
         for g in self.param_groups:
             ids = []
             for p in g["params"]:
-                index[id(p)] = i
                 ids.append(i)
                 st = self._opts[id(p)][0].state.get(p) if id(p) in self._opts else None
                 if st:

@@ -188,19 +188,14 @@ class DiffModel(nn.Module):
         self.slots = nn.ModuleDict()
         self._stage = "l0"
         if config.candidates is not None:
-            k = budget(config.target_sparsity, self.n_diffed)
-            if round(config.candidates * self.n_diffed) < k:
-                raise ConfigError(
-                    f"candidates={config.candidates:g} keeps {round(config.candidates * self.n_diffed):,} candidate "
-                    f"entries, fewer than the budget of {k:,} (target_sparsity={config.target_sparsity:g}): raise "
-                    f"--candidates above --target-sparsity (e.g. {min(1.0, 10 * config.target_sparsity):g})"
-                )
+            # (config.validate() refused candidates < target_sparsity, so round(c n) >= the budget)
             self._stage = "warmup"  # no L0 state until `set_candidates`
         elif _allocate:
             for name in self.diff_names:
                 self.slots[_slot_key(name)] = _L0Slot(params[name], config)
         self._index = {n: i for i, n in enumerate(self.diff_names)}
         self._step: layers.Step | None = None
+        self._wiring_checked = False
         self._injector = layers.Injector(self, model, self.diff_names)
 
     # ---- introspection ----------------------------------------------------------------------
@@ -318,11 +313,6 @@ class DiffModel(nn.Module):
             out = t.reshape(-1).index_copy(0, cand, out).view_as(t)
         return out
 
-    def _effective_parameters(self) -> dict[str, torch.Tensor]:
-        """theta + delta of every diffed tensor at once, for the current step (tests, inspection)."""
-        step = self.current_step()
-        return {name: self.effective(name, step) for name in self.diff_names}
-
     @torch.no_grad()
     def delta(self) -> dict[str, torch.Tensor]:
         """The current diff, dense, one tensor per diffed parameter (deterministic gates)."""
@@ -350,7 +340,7 @@ class DiffModel(nn.Module):
         if self._stage == "warmup":
             return torch.tensor(0.0, device=device)
         if not self.config.use_gates:
-            return torch.tensor(float(self._n_trainable_entries()), device=device)
+            return torch.tensor(float(self.n_diffed), device=device)
         c = self.config
         total = torch.zeros((), device=device)
         for name in self.diff_names if names is None else names:
@@ -359,9 +349,6 @@ class DiffModel(nn.Module):
                                                     else slot.alpha_group.float(), c.stretch_l, c.stretch_r,
                                                     group_penalty)
         return total
-
-    def _n_trainable_entries(self) -> int:
-        return sum(self._slot(n).w.numel() for n in self.diff_names)
 
     def l0_penalty(self) -> torch.Tensor:
         """What training mode adds to the model's loss (0 without gates): l0_lambda * E[||delta||_0],
@@ -406,7 +393,7 @@ class DiffModel(nn.Module):
                     total = extra if total is None else total + extra
                 outputs["loss"] = loss + c.l0_lambda * total
             step.l0 = None  # the graph goes with the loss, not with the model
-        if self.training and not getattr(self, "_wiring_checked", False):
+        if self.training and not self._wiring_checked:
             self._wiring_checked = True
             self._check_wiring(step)
         return outputs
@@ -531,9 +518,7 @@ class DiffModel(nn.Module):
             sel = chosen[name]
             slot = self._slot(name)
             pos = slot.candidates[sel] if isinstance(slot, _CandidateSlot) else sel
-            values = deltas[name].reshape(-1)[sel].to(torch.float32 if deltas[name].dtype == torch.bfloat16
-                                                       else deltas[name].dtype).clone()
-            new_slots[_slot_key(name)] = _FixedSlot(pos, values)
+            new_slots[_slot_key(name)] = _FixedSlot(pos, deltas[name].reshape(-1)[sel].clone())
         del deltas
         self.slots = new_slots
         self._stage = "fixed"

@@ -559,15 +559,9 @@ def _memory_setup(model, opts: dict, cfg: TrainConfig, device):
     import contextlib
 
     if cfg.gradient_checkpointing:
-        target = model if hasattr(model, "gradient_checkpointing_enable") else None
-        if target is None:
+        if not hasattr(model, "gradient_checkpointing_enable"):
             raise TrainError(f"--gradient-checkpointing: {type(model).__name__} has no gradient_checkpointing_enable()")
-        from .model import DiffModel
-
-        if isinstance(target, DiffModel):
-            target.gradient_checkpointing_enable()
-        else:
-            target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if opts["theta_dtype"] == "bf16":
         with torch.no_grad():
             for p in model.parameters():

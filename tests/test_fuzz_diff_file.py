@@ -42,6 +42,7 @@ from diffprune import diff_file
 from diffprune._io import proc_bytes
 
 from .conftest import tiny_bert
+from .fuzz_report import append_report
 
 EXAMPLES = int(os.environ.get("DIFFPRUNE_FUZZ_EXAMPLES", "150"))
 MEMORY_BOUND = 512 * 2**20
@@ -85,10 +86,7 @@ def report_counts():
     """After the module: what the fuzzers tried, appended to DIFFPRUNE_FUZZ_REPORT when set
     (benchmarks/reliability.py reads it)."""
     yield
-    report = os.environ.get("DIFFPRUNE_FUZZ_REPORT")
-    if report:
-        with open(report, "a") as f:
-            f.write(json.dumps({"diff_file": COUNTS, "examples_per_property": EXAMPLES}) + "\n")
+    append_report({"diff_file": COUNTS, "examples_per_property": EXAMPLES})
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: 
 from diffprune import MultiTaskModel  # noqa: E402
 from diffprune.serving.server import create_app  # noqa: E402
 
+from .fuzz_report import append_report  # noqa: E402
 from .serving_fixtures import serving_env  # noqa: E402, F401
 
 EXAMPLES = int(os.environ.get("DIFFPRUNE_FUZZ_EXAMPLES", "30"))
@@ -62,12 +63,7 @@ def report_counts():
     """After the module: what the fuzzer sent, appended to DIFFPRUNE_FUZZ_REPORT when set
     (benchmarks/reliability.py reads it)."""
     yield
-    report = os.environ.get("DIFFPRUNE_FUZZ_REPORT")
-    if report:
-        import json
-
-        with open(report, "a") as f:
-            f.write(json.dumps({"server": SEEN, "examples_per_operation": EXAMPLES}) + "\n")
+    append_report({"server": SEEN, "examples_per_operation": EXAMPLES})
 
 
 @pytest.fixture(scope="module")

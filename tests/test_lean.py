@@ -40,6 +40,13 @@ def _state(dm):
     return {n: p.detach().clone() for n, p in dm.named_parameters() if p.requires_grad}
 
 
+def _assert_same_state(got, ref, rtol, atol):
+    sa, sb = _state(ref), _state(got)
+    assert sa.keys() == sb.keys() and sa
+    for n in sa:
+        torch.testing.assert_close(sb[n], sa[n], rtol=rtol, atol=atol, msg=n)
+
+
 def test_optimizer_in_backward_equals_adamw_without_clipping():
     a, b = _pair(structured=True)
     batches = [bert_batch(a.model, seed=s) for s in range(3)]
@@ -47,9 +54,7 @@ def test_optimizer_in_backward_equals_adamw_without_clipping():
     oib = OptimizerInBackward(b.param_groups(lr=1e-2, alpha_lr=0.1, fused=False), max_grad_norm=None, weight_decay=0.0)
     _steps(b, batches, oib)
     assert all(p.grad is None for p in b.parameters())
-    sa, sb = _state(a), _state(b)
-    for n in sa:
-        torch.testing.assert_close(sb[n], sa[n], rtol=1e-6, atol=1e-7, msg=n)
+    _assert_same_state(b, a, rtol=1e-6, atol=1e-7)
 
 
 def test_optimizer_in_backward_clips_with_the_previous_steps_norm():
@@ -73,9 +78,7 @@ def test_optimizer_in_backward_clips_with_the_previous_steps_norm():
     oib = OptimizerInBackward(b.param_groups(lr=1e-2, fused=False), max_grad_norm=clip, weight_decay=0.0)
     _steps(b, batches, oib)
     assert oib.last_norm == pytest.approx(norms[1], rel=1e-4) and oib.clipped_steps == 2
-    sa, sb = _state(a), _state(b)
-    for n in sa:
-        torch.testing.assert_close(sb[n], sa[n], rtol=1e-5, atol=1e-7, msg=n)
+    _assert_same_state(b, a, rtol=1e-5, atol=1e-7)
 
 
 def test_optimizer_in_backward_state_round_trip_continues_identically():
@@ -90,9 +93,7 @@ def test_optimizer_in_backward_state_round_trip_continues_identically():
     ob2 = OptimizerInBackward(b.param_groups(lr=1e-2, fused=False), max_grad_norm=1.0)
     ob2.load_state_dict(copy.deepcopy(sd))
     _steps(b, batches[2:], ob2)
-    sa, sb = _state(a), _state(b)
-    for n in sa:
-        torch.testing.assert_close(sb[n], sa[n], rtol=1e-6, atol=1e-8, msg=n)
+    _assert_same_state(b, a, rtol=1e-6, atol=1e-8)
 
 
 def test_select_keeps_exactly_the_top_fraction_across_tensors():
@@ -196,3 +197,16 @@ def test_train_lean_with_candidates_end_to_end_and_resume(tmp_path, tiny_base, g
     for name in diff.indices:
         assert torch.equal(diff.indices[name], b.indices[name])
         torch.testing.assert_close(diff.values[name], b.values[name])
+
+
+def test_gradient_checkpointing_trains_to_the_same_diff(tmp_path, tiny_base, glue):
+    kw = dict(task="rte", data_dir=str(glue), model=str(tiny_base), method="structured", target_sparsity=0.02,
+              max_train_samples=32, max_eval_samples=16, epochs=1, fixmask_epochs=1, batch_size=16,
+              max_seq_length=32, progress=False, save_steps=0)
+    plain = train(TrainConfig(output_dir=str(tmp_path / "plain"), **kw))
+    ckpt = train(TrainConfig(output_dir=str(tmp_path / "ckpt"), gradient_checkpointing=True, **kw))
+    assert ckpt["nnz"] == plain["nnz"] and ckpt["final"] == pytest.approx(plain["final"])
+    a, b = SparseDiff.load(tmp_path / "plain"), SparseDiff.load(tmp_path / "ckpt")
+    for name in a.indices:
+        assert torch.equal(a.indices[name], b.indices[name]), name
+        torch.testing.assert_close(b.values[name], a.values[name], rtol=1e-4, atol=1e-6)
