@@ -19,14 +19,51 @@ GROUP_PENALTIES = ("expected_l0", "per_gate")
 DEFAULT_HEAD_PATTERNS = ("classifier", "pre_classifier", "score", "qa_outputs")
 
 
+def is_glob(pattern: str) -> bool:
+    """Whether a parameter pattern is read as a glob: it uses * or ? and is no valid regular expression
+    (``"*_proj"``, ``"**.mlp.**"``). A valid regex stays one (``"layers.*.mlp"`` means nearly the same
+    either way)."""
+    if not re.search(r"[*?]", pattern):
+        return False
+    try:
+        re.compile(pattern)
+        return False
+    except re.error:
+        return True
+
+
+def pattern_regex(pattern: str) -> str:
+    """The regular expression of a parameter pattern (a glob translated: * within a component, ** across)."""
+    if not is_glob(pattern):
+        return pattern
+    out = []
+    for part in re.split(r"(\*\*|\*|\?)", pattern):
+        out.append({"**": ".*", "*": "[^.]*", "?": "[^.]"}.get(part, re.escape(part)))
+    return "".join(out)
+
+
+def check_patterns(what: str, patterns) -> None:
+    """ConfigError naming `what` unless `patterns` is a list of valid patterns (globs or regexes)."""
+    if isinstance(patterns, str) or not isinstance(patterns, (list, tuple)):
+        raise ConfigError(f"{what} must be a list of patterns, not {patterns!r}")
+    for p in patterns:
+        if not isinstance(p, str) or not p.strip():
+            raise ConfigError(f"{what}: pattern {p!r} must be a non-empty string")
+        try:
+            re.compile(pattern_regex(p))
+        except re.error as e:
+            raise ConfigError(f"{what}: pattern {p!r} is not a valid regular expression or glob ({e})") from e
+
+
 @dataclass
 class DiffPruningConfig:
     """Hyperparameters of diff pruning (defaults: METHOD.md, BERT-large settings).
 
-    Parameter selection uses name patterns. A pattern is a regular expression matched against
-    whole dotted components of a parameter name: ``"classifier"`` matches ``classifier.weight``
-    and ``model.classifier.dense.bias`` but not ``my_classifier.weight``; ``"encoder\\.layer\\.0"``
-    matches everything in the first layer.
+    Parameter selection uses name patterns, matched against whole dotted components of a parameter
+    name: ``"classifier"`` matches ``classifier.weight`` and ``model.classifier.dense.bias`` but not
+    ``my_classifier.weight``. A pattern is a regular expression (``"encoder\\.layer\\.0"``,
+    ``"q_proj|v_proj"``, ``"layers.*.mlp"``) or, when it is no valid regex, a glob in which ``*`` is
+    one component or part of one and ``**`` any run of components (``"*_proj"``, ``"**.self_attn.**"``).
     """
 
     target_sparsity: float = 0.005
@@ -104,20 +141,13 @@ class DiffPruningConfig:
             )
         for name in ("diff_parameters", "head_parameters", "frozen_parameters"):
             patterns = getattr(self, name)
-            if patterns is None:
-                continue
-            if isinstance(patterns, str):
-                raise ConfigError(f"{name} must be a list of patterns, not the string {patterns!r}")
-            for p in patterns:
-                try:
-                    re.compile(p)
-                except re.error as e:
-                    raise ConfigError(f"{name}: pattern {p!r} is not a valid regular expression ({e})") from e
+            if patterns is not None:
+                check_patterns(name, patterns)
 
     # ---- parameter selection -------------------------------------------------------------
     @staticmethod
     def _matches(name: str, patterns) -> bool:
-        return any(re.search(rf"(?:^|\.)(?:{p})(?:\.|$)", name) for p in patterns or ())
+        return any(re.search(rf"(?:^|\.)(?:{pattern_regex(p)})(?:\.|$)", name) for p in patterns or ())
 
     def role_of(self, name: str) -> str:
         """'head', 'frozen', 'diff' or 'untouched' for a parameter name."""

@@ -19,3 +19,7 @@ class BaseModelMismatchError(DiffPruneError):
 
 class DiffModeError(DiffPruneError, RuntimeError):
     """An operation was asked of a DiffModel in the wrong stage (e.g. saving before projection)."""
+
+
+class TrainError(DiffPruneError):
+    """Training cannot start or continue (output directory, checkpoint, settings, memory)."""

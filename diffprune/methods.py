@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,8 +69,9 @@ class Method:
     def phases(self, cfg) -> list[Phase]:
         return [Phase("train", cfg.epochs, cfg.resolved_lr())]
 
-    def build(self, base, missing: list[str], cfg):
-        """The trainable model around a freshly loaded base (`missing`: its newly initialised parameters)."""
+    def build(self, base, missing: list[str], cfg, family=None):
+        """The trainable model around a freshly loaded base (`missing`: its newly initialised parameters;
+        `family`: the `diffprune.families.Family` of the run, None = classifier)."""
         raise NotImplementedError
 
     def param_groups(self, model, phase: Phase, cfg) -> list[dict]:
@@ -127,15 +127,16 @@ class DiffMethod(Method):
             return w + alpha + effective
         return max(2.0, c * (w + alpha + 8)) + effective
 
-    def build(self, base, missing, cfg):
-        from .config import DEFAULT_HEAD_PATTERNS, DiffPruningConfig
+    def build(self, base, missing, cfg, family=None):
+        from .config import DiffPruningConfig
+        from .families import family_or_default
         from .model import DiffModel
 
-        heads = list(DEFAULT_HEAD_PATTERNS) + [re.escape(n) for n in missing]
+        selection = family_or_default(family).selection(base, missing, cfg)
         opts = _options(cfg)
         config = DiffPruningConfig(
             target_sparsity=cfg.target_sparsity, l0_lambda=cfg.l0_lambda, structured=self.structured,
-            group_penalty=cfg.group_penalty, use_gates=self.use_gates, head_parameters=heads,
+            group_penalty=cfg.group_penalty, use_gates=self.use_gates, **selection,
             alpha_dtype=opts["alpha_dtype"] if self.use_gates else "fp32",
             candidates=getattr(cfg, "candidates", None) if self.use_gates else None,
         )
@@ -186,7 +187,7 @@ class DiffMethod(Method):
 class FullMethod(Method):
     artefact: str = "model"
 
-    def build(self, base, missing, cfg):
+    def build(self, base, missing, cfg, family=None):
         for p in base.parameters():
             p.requires_grad_(True)
         return base
@@ -204,9 +205,10 @@ class FullMethod(Method):
         return sum(os.path.getsize(p) for p in (Path(run_dir) / MODEL_DIR).glob("*.safetensors"))
 
     def load(self, run_dir, info, allow_base_mismatch=False):
+        from .families import family_of_info
         from .runs import load_pretrained
 
-        return load_pretrained(str((Path(run_dir) / MODEL_DIR).resolve()))
+        return load_pretrained(str((Path(run_dir) / MODEL_DIR).resolve()), family=family_of_info(info).name)
 
 
 def _lora_targets(model) -> list[str] | None:
@@ -234,11 +236,14 @@ class LoraMethod(Method):
     def state_bytes_per_parameter(self, cfg=None) -> float:
         return 0  # the adapters' state is a small fraction of the model at the ranks used here
 
-    def build(self, base, missing, cfg):
+    def build(self, base, missing, cfg, family=None):
+        from .families import family_or_default
+
         peft = _peft()
-        heads = sorted({n.rsplit(".", 1)[0] for n in missing})
+        causal = not family_or_default(family).has_head
+        heads = [] if causal else sorted({n.rsplit(".", 1)[0] for n in missing})
         lcfg = peft.LoraConfig(
-            task_type=peft.TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            task_type=peft.TaskType.CAUSAL_LM if causal else peft.TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=_lora_targets(base), modules_to_save=heads or None,
         )
         try:

@@ -40,7 +40,7 @@ RUN_FORMAT = "diffprune.run"
 
 DIFF_METHODS = _methods.DIFF_METHODS
 METHODS = tuple(_methods.METHODS)
-TASK_INFO_KEYS = ("base_model", "task", "task_type", "labels", "text_columns", "max_seq_length", "method")
+TASK_INFO_KEYS = ("base_model", "task", "task_type", "labels", "text_columns", "max_seq_length", "method", "family")
 """The keys of a diff's ``extra`` metadata (and of `load_run`'s task_info) that other tools rely on."""
 
 # Files whose presence marks a directory as a diffprune run (so --overwrite may replace it).
@@ -93,21 +93,6 @@ def is_run_dir(path: Path) -> bool:
     return any((path / m).exists() for m in RUN_MARKERS)
 
 
-def task_info_of(spec, base_model: str, max_seq_length: int, method: str) -> dict:
-    """The run's task metadata (the diff's ``extra``), from a `TaskSpec`."""
-    return {
-        "base_model": base_model,
-        "task": spec.name,
-        "task_type": spec.task_type,
-        "labels": list(spec.labels),
-        "text_columns": list(spec.text_columns),
-        "max_seq_length": int(max_seq_length),
-        "method": method,
-        "label_column": spec.label_column,
-        "glue": bool(spec.glue),
-    }
-
-
 def write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
@@ -150,9 +135,13 @@ def read_task_info(run_dir: str | Path) -> dict:
         from .diff_file import SparseDiff
 
         info.update(SparseDiff.load(run_dir).extra or {})
-    missing = [k for k in ("base_model", "task_type", "text_columns") if not info.get(k)]
+    from .families import family_of_info
+
+    needed = ("base_model", "task_type", "text_columns") if family_of_info(info).has_head else ("base_model", "task_type")
+    missing = [k for k in needed if not info.get(k)]
     if missing:
         raise RunError(f"{run_dir}: the run metadata lacks {', '.join(missing)}; was it written by diffprune train?")
+    info.setdefault("family", "classifier")
     info.setdefault("labels", [])
     info.setdefault("max_seq_length", 128)
     info.setdefault("method", kind)
@@ -177,15 +166,22 @@ def hf_quiet():
             hf_logging.enable_progress_bar()
 
 
-def load_pretrained(base_model: str | os.PathLike, dtype=None, output_loading_info: bool = False, **kwargs):
-    """The one base-model loader: ``(AutoModelForSequenceClassification, tokenizer[, loading info])``.
+def load_pretrained(base_model: str | os.PathLike, dtype=None, output_loading_info: bool = False,
+                    family: str = "classifier", **kwargs):
+    """The one base-model loader: ``(model, tokenizer[, loading info])``, the model loaded with its
+    family's Auto class (`diffprune.families`: ``AutoModelForSequenceClassification`` for classifiers,
+    ``AutoModelForCausalLM`` for causal LMs).
 
     `base_model` is a recorded model (`model_location`), a folder or a hub id. Any failure to find or
     read it (no such folder, an invalid or missing hub id, offline without a cache, a folder that is no
-    model) is a `RunError` naming the model and the fix, never a transformers traceback."""
+    model) is a `RunError` naming the model and the fix, never a transformers traceback. A tokenizer
+    without a padding token (most causal LMs) pads with its end-of-sequence token."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from .families import get_family
+
+    fam = get_family(family)
     location = model_location(str(base_model))
     path = Path(location).expanduser()
     looks_like_path = str(location).startswith((".", "/", "~")) or str(location).count("/") > 1
@@ -194,40 +190,65 @@ def load_pretrained(base_model: str | os.PathLike, dtype=None, output_loading_in
                        "is org/name); pass an existing model folder (config.json + weights) or a hub id")
     with hf_quiet():  # "newly initialized: classifier.*" is expected: it is the task head
         try:
-            loaded = AutoModelForSequenceClassification.from_pretrained(
+            loaded = fam.auto().from_pretrained(
                 location, dtype=dtype or torch.float32, output_loading_info=output_loading_info, **kwargs
             )
             tokenizer = AutoTokenizer.from_pretrained(location)
         except (OSError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RunError(
-                f"cannot load model {str(base_model)!r} ({first}); pass a local model folder or a Hugging Face id "
-                "that is downloaded (offline: HF_HUB_OFFLINE=1 uses the cache only)"
+                f"cannot load model {str(base_model)!r} as {fam.auto_class} ({first}); pass a local model folder "
+                "or a Hugging Face id that is downloaded (offline: HF_HUB_OFFLINE=1 uses the cache only)"
             ) from e
+    if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
     if output_loading_info:
         model, loading = loaded
         return model, tokenizer, loading
     return loaded, tokenizer
 
 
-def load_base(base_model: str, num_labels: int, labels=(), task_type: str = "classification", seed: int | None = None):
-    """(AutoModelForSequenceClassification, tokenizer, names of newly initialised parameters) in fp32."""
+def model_config(base_model: str):
+    """The transformers config of a recorded model, folder or hub id (no weights are read)."""
+    from transformers import AutoConfig
+
+    try:
+        with hf_quiet():
+            return AutoConfig.from_pretrained(model_location(str(base_model)))
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"cannot read the config of model {str(base_model)!r} ({first}); pass a local model folder "
+                       "or a Hugging Face id that is downloaded") from e
+
+
+def load_base(base_model: str, num_labels: int = 1, labels=(), task_type: str = "classification",
+              seed: int | None = None, family: str = "classifier"):
+    """(model, tokenizer, names of newly initialised parameters) in fp32, eval mode: a classifier with
+    a fresh head of `num_labels` outputs, or (family "causal-lm") the causal LM as it is."""
     import torch
 
-    kwargs = {"num_labels": num_labels}
-    if labels:
-        kwargs["id2label"] = {i: str(n) for i, n in enumerate(labels)}
-        kwargs["label2id"] = {str(n): i for i, n in enumerate(labels)}
-    kwargs["problem_type"] = "regression" if task_type == "regression" else "single_label_classification"
+    kwargs = {}
+    if family == "classifier":
+        kwargs["num_labels"] = num_labels
+        if labels:
+            kwargs["id2label"] = {i: str(n) for i, n in enumerate(labels)}
+            kwargs["label2id"] = {str(n): i for i, n in enumerate(labels)}
+        kwargs["problem_type"] = "regression" if task_type == "regression" else "single_label_classification"
     if seed is not None:
         torch.manual_seed(seed)
-    model, tokenizer, loading = load_pretrained(base_model, output_loading_info=True, **kwargs)
+    model, tokenizer, loading = load_pretrained(base_model, output_loading_info=True, family=family, **kwargs)
     missing = sorted(loading.get("missing_keys") or [])
     return model.float().eval(), tokenizer, missing
 
 
 def load_run_base(info: dict):
-    """(fresh base model with the head shape of a run's task, tokenizer): what a diff or adapter goes on."""
+    """(fresh base model of a run's family and head shape, tokenizer): what a diff or adapter goes on."""
+    from .families import family_of_info
+
+    fam = family_of_info(info)
+    if not fam.has_head:
+        base, tokenizer, _ = load_base(info["base_model"], family=fam.name)
+        return base, tokenizer
     num_labels = max(1, len(info["labels"])) if info["task_type"] == "classification" else 1
     base, tokenizer, _ = load_base(info["base_model"], num_labels, info["labels"], info["task_type"])
     return base, tokenizer

@@ -163,7 +163,7 @@ def test_state_estimate_follows_the_memory_options():
 
 
 def test_train_lean_with_candidates_end_to_end_and_resume(tmp_path, tiny_base, glue, monkeypatch):
-    import diffprune.training as training
+    from diffprune.training import checkpoints
 
     kw = dict(task="rte", data_dir=str(glue), model=str(tiny_base), method="structured", memory="lean",
               candidates=0.1, candidate_warmup_steps=3, target_sparsity=0.02, max_train_samples=64,
@@ -178,7 +178,7 @@ def test_train_lean_with_candidates_end_to_end_and_resume(tmp_path, tiny_base, g
     assert ev["candidates"] == round(0.1 * diff.n_diffed) and ev["warmup_steps"] == 3
     assert [r["phase"] for r in log if r.get("event") == "optimizer_in_backward"] == ["l0", "fixed"]
 
-    real = training._write_checkpoint
+    real = checkpoints.write_checkpoint
     calls = []
 
     def stop_after_second(*args, **kwargs):
@@ -187,10 +187,10 @@ def test_train_lean_with_candidates_end_to_end_and_resume(tmp_path, tiny_base, g
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "_write_checkpoint", stop_after_second)
+    monkeypatch.setattr(checkpoints, "write_checkpoint", stop_after_second)
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(output_dir=str(tmp_path / "res"), **kw))
-    monkeypatch.setattr(training, "_write_checkpoint", real)
+    monkeypatch.setattr(checkpoints, "write_checkpoint", real)
     res = train(TrainConfig(output_dir=str(tmp_path / "res"), resume=True, **kw))
     b = SparseDiff.load(tmp_path / "res")
     assert res["nnz"] == ref["nnz"] and res["final"] == ref["final"]

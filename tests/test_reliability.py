@@ -12,7 +12,8 @@ import pytest
 from diffprune import BaseModelMismatchError, DiffModel, DiffPruningConfig, MultiTaskModel, SparseDiff
 from diffprune.errors import ConfigError
 from diffprune.tasks import DataError, load_task
-from diffprune.training import Phase, Position, TrainConfig, TrainError, _RunClock, train
+from diffprune.training import Phase, Position, TrainConfig, TrainError, train
+from diffprune.training.progress import RunClock as _RunClock
 
 from .conftest import tiny_sequential
 from .helpers_cli import cli, fast_args, glue, one_thread, tiny_base  # noqa: F401
@@ -143,13 +144,13 @@ def test_run_clock_counts_every_phase_and_validation():
 
 # memory that cannot fit is refused before training (issue 16's "estimate its state before it starts") ----------
 def test_training_state_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, tiny_base, glue, monkeypatch):
-    import diffprune.training as training
+    from diffprune.training import memory
     from diffprune.methods import get_method
 
     assert get_method("structured").state_bytes_per_parameter() == 36
     assert get_method("magnitude").state_bytes_per_parameter() == 20
     assert get_method("full").state_bytes_per_parameter() == 12
-    monkeypatch.setattr(training, "available_memory", lambda device: 1024)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1024)
     out = tmp_path / "big"
     cfg = TrainConfig(output_dir=str(out), task="rte", data_dir=str(glue), model=str(tiny_base), max_train_samples=16,
                       epochs=1, fixmask_epochs=0, progress=False)

@@ -10,7 +10,8 @@ import torch
 from diffprune import SparseDiff
 from diffprune.errors import ConfigError
 from diffprune.runs import TASK_INFO_KEYS, load_run
-from diffprune.training import TrainConfig, TrainError, _local_indices, train
+from diffprune.training import TrainConfig, TrainError, train
+from diffprune.training.distributed import local_indices as _local_indices
 
 from .helpers_cli import glue, one_thread, tiny_base  # noqa: F401
 
@@ -106,12 +107,12 @@ def test_output_dir_rules(tmp_path, tiny_base, glue):
 
 def test_checkpoint_and_resume_in_process(tmp_path, tiny_base, glue, monkeypatch):
     """A run stopped right after a mid-epoch checkpoint resumes to the same diff as an uninterrupted run."""
-    import diffprune.training as training
+    from diffprune.training import checkpoints
 
     kw = dict(epochs=2, fixmask_epochs=1, save_steps=2, target_sparsity=0.02, max_train_samples=64)
     ref = train(_cfg(tmp_path, tiny_base, glue, "ref", **kw))
 
-    real = training._write_checkpoint
+    real = checkpoints.write_checkpoint
     calls = []
 
     def stop_after_second(*args, **kwargs):
@@ -120,10 +121,10 @@ def test_checkpoint_and_resume_in_process(tmp_path, tiny_base, glue, monkeypatch
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "_write_checkpoint", stop_after_second)
+    monkeypatch.setattr(checkpoints, "write_checkpoint", stop_after_second)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tmp_path, tiny_base, glue, "res", **kw))
-    monkeypatch.setattr(training, "_write_checkpoint", real)
+    monkeypatch.setattr(checkpoints, "write_checkpoint", real)
     state = json.loads((tmp_path / "res" / "checkpoint" / "latest.json").read_text())
     assert state["dir"] == f"step-{calls[-1]:09d}" and calls == [2, 4]
     with pytest.raises(TrainError, match="written with seed=0, now seed=1"):

@@ -38,8 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("task and data")
     g.add_argument("--task", help=f"a GLUE task: {', '.join(GLUE_TASKS)} (omit for your own data)")
     g.add_argument("--data-dir", help="folder with <task>/train.tsv and <task>/validation.tsv (default: the HF hub)")
-    g.add_argument("--train-file", help="your training data: .csv, .tsv or .jsonl")
-    g.add_argument("--validation-file", help="your validation data (same columns)")
+    g.add_argument("--train-file", help="your training data: .csv, .tsv or .jsonl (rows with prompt + completion, "
+                   "messages or text train a causal LM: README, \"Causal language models\")")
+    g.add_argument("--validation-file", help="your validation data (same columns / shape)")
     g.add_argument("--text-columns", nargs="+", metavar="COLUMN", help="one or two text columns")
     g.add_argument("--label-column", help="label column (default: label)")
     g.add_argument("--task-type", choices=["classification", "regression"], default=None,
@@ -51,6 +52,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("model and method")
     g.add_argument("--model", help="Hugging Face model id or folder (default: the packaged all-MiniLM-L6-v2)")
     g.add_argument("--method", choices=METHODS, default=d.method, help="default: diff")
+    g.add_argument("--family", choices=("classifier", "causal-lm"), default=None,
+                   help="model family (default: causal-lm when --train-file holds prompt/completion, messages or "
+                        "text rows, else classifier)")
+    g.add_argument("--target-modules", nargs="+", metavar="PATTERN", default=None,
+                   help="diff only parameters matching these patterns (globs such as '*_proj' or '**.mlp.**', or "
+                        "regexes over dotted name components); default: every parameter for classifiers, all but "
+                        "the embeddings and LM head for causal LMs")
     g.add_argument("--output-dir", required=True, help="run directory to write")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
@@ -99,6 +107,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--save-steps", type=int, default=d.save_steps,
                    help="checkpoint every N steps (default 500; 0: only at epoch ends)")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    g.add_argument("--generation-max-new-tokens", type=int, default=d.generation_max_new_tokens,
+                   help="causal LMs: token limit of the greedy generations scored for exact match (default 32)")
     g.add_argument("--log-steps", type=int, default=d.log_steps, help="log loss and density every N steps")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--skip-memory-check", action="store_true",
@@ -134,7 +144,8 @@ def run(args) -> int:
         value_dtype=args.value_dtype, memory=args.memory, optimizer_in_backward=args.optimizer_in_backward,
         alpha_dtype=args.alpha_dtype, recompute_weights=args.recompute_weights, theta_dtype=args.theta_dtype,
         gradient_checkpointing=args.gradient_checkpointing, candidates=args.candidates,
-        candidate_warmup_steps=args.candidate_warmup_steps,
+        candidate_warmup_steps=args.candidate_warmup_steps, family=args.family, target_modules=args.target_modules,
+        generation_max_new_tokens=args.generation_max_new_tokens,
     )
     metrics = train(cfg)
     if metrics is not None:

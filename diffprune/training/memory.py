@@ -1,0 +1,116 @@
+"""Memory: what the machine has, refusing a run whose state cannot fit (before any work), the memory
+options that act on the built model (`diffprune.lean`), and the importance warm-up of candidate L0."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+
+import torch
+
+from .._io import proc_bytes
+from ..errors import TrainError
+from .checkpoints import Position
+from .config import TrainConfig
+from .distributed import local_indices, permutation
+from .progress import log_event
+
+
+def available_memory(device) -> int | None:
+    """Bytes that can still be allocated: free accelerator memory, or the system's MemAvailable."""
+    if getattr(device, "type", str(device)) == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return proc_bytes("/proc/meminfo", "MemAvailable")
+
+
+def check_memory(method, base, device, cfg=None) -> None:
+    """Refuse before training when the method's state alone exceeds the memory available (activations
+    come on top, so a run that passes may still be tight; one that fails here could not have finished)."""
+    n = sum(p.numel() for p in base.parameters())
+    per = method.state_bytes_per_parameter(cfg)
+    need = int(n * per)
+    have = available_memory(device)
+    if have is None or need <= have:
+        return
+
+    def size(b: int) -> str:
+        return f"{b / 2**30:.1f} GiB" if need >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+    hints = []
+    if getattr(method, "use_gates", False) and getattr(cfg, "candidates", None) is None:
+        for label, extra in (("--memory lean", {"memory": "lean"}),
+                             ("--memory lean --candidates 0.05", {"memory": "lean", "candidates": 0.05})):
+            if cfg is not None:
+                alt = dataclasses.replace(cfg, **extra)
+                hints.append(f"{label}: about {size(int(n * method.state_bytes_per_parameter(alt)))}")
+    hint = ("; " + "; ".join(hints)) if hints else ""
+    raise TrainError(
+        f"--method {method.name} needs about {size(need)} of training state for this model's {n:,} "
+        f"parameters ({per:g} bytes each beyond the loaded weights, before activations) and {size(have)} is "
+        f"available{hint}; or use a smaller model, --method lora, or a machine with more memory (or pass "
+        "--skip-memory-check to try anyway)"
+    )
+
+
+def adamw_settings(optimizer) -> dict:
+    g = optimizer.param_groups[0]
+    return {k: g[k] for k in ("betas", "eps", "weight_decay") if k in g}
+
+
+def memory_setup(model, opts: dict, cfg: TrainConfig, device):
+    """Apply the memory options that act on the built model; returns the forward's autocast context."""
+    import contextlib
+
+    if cfg.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise TrainError(f"--gradient-checkpointing: {type(model).__name__} has no gradient_checkpointing_enable()")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if opts["theta_dtype"] == "bf16":
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.requires_grad and p.is_floating_point():
+                    p.data = p.data.to(torch.bfloat16)
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def candidate_warmup(model, cfg: TrainConfig, n_train: int, make_batch, acc, autocast, pos: Position,
+                     log_path, show: bool) -> None:
+    """The importance warm-up of candidate-restricted L0, then `set_candidates` (see `diffprune.candidates`)."""
+    from tqdm.auto import tqdm
+
+    from .. import candidates
+
+    t0 = time.time()
+    steps = min(cfg.candidate_warmup_steps, math.ceil(n_train / cfg.batch_size))
+    perm = permutation(cfg.seed, -1, 0, n_train)
+    head = [p for p in model.model.parameters() if p.requires_grad]
+    head_opt = torch.optim.AdamW(head, lr=cfg.head_lr or cfg.resolved_lr(), weight_decay=0.0) if head else None
+    bar = tqdm(total=steps, disable=not show, dynamic_ncols=True, file=sys.stderr, desc="candidate warm-up")
+
+    def batches():
+        for step in range(steps):
+            batch = make_batch(local_indices(perm, step, cfg.batch_size, 0, 1))
+            yield {k: v.to(acc.device) for k, v in batch.items()}
+
+    def on_step(loss):
+        bar.set_postfix({"loss": f"{loss:.4f}"}, refresh=False)
+        bar.update(1)
+
+    scores = candidates.importance(model, batches(), head_opt, on_step=on_step, autocast=autocast)
+    bar.close()
+    chosen = candidates.select(scores, cfg.candidates)
+    del scores
+    model.set_candidates(chosen)
+    n = sum(int(v.numel()) for v in chosen.values())
+    seconds = time.time() - t0
+    pos.train_seconds += seconds
+    if log_path is not None:
+        log_event(log_path, {"event": "candidates", "candidates": n, "fraction": cfg.candidates, "warmup_steps": steps,
+                        "seconds": round(seconds, 3)})
+    if show:
+        print(f"candidates: {n:,} entries ({cfg.candidates:.1%} of {model.n_diffed:,}) from a {steps}-batch "
+              f"importance warm-up ({seconds:.0f} s)", file=sys.stderr)
