@@ -32,11 +32,13 @@ def render_model_card(metrics: dict, task_info: dict, source: dict | None = None
     ]
     if m.get("base_fingerprint"):
         lines.append(f"| base fingerprint | `{m['base_fingerprint']}` |")
-    lines += [
-        f"| task | {m['task']} ({info['task_type']}; text: {', '.join(info['text_columns'])}"
-        + (f"; labels: {', '.join(map(str, info['labels']))}" if info.get("labels") else "") + ") |",
-        f"| method | {method} |",
-    ]
+    causal = info.get("family") == "causal-lm"
+    if causal:
+        lines.append(f"| task | {m['task']} (causal language model; data: {info.get('data_format')}) |")
+    else:
+        lines.append(f"| task | {m['task']} ({info['task_type']}; text: {', '.join(info['text_columns'])}"
+                     + (f"; labels: {', '.join(map(str, info['labels']))}" if info.get("labels") else "") + ") |")
+    lines.append(f"| method | {method} |")
     if "n_diffed" in m:
         lines += [
             f"| nonzeros | {m['nnz']:,} of {m['n_diffed']:,} diffed parameters ({m['density']:.3%}; "
@@ -68,11 +70,19 @@ def render_model_card(metrics: dict, task_info: dict, source: dict | None = None
     lines += ["", "## Settings", "", ", ".join(f"{k}={settings[k]}" for k in keys if k in settings)]
     if source:
         lines += ["", "Data: " + ", ".join(f"{k} `{v}`" for k, v in source.items())]
-    use = ["diffprune predict RUN_DIR --text \"...\"" + (" --text-pair \"...\"" if len(info["text_columns"]) == 2 else ""),
-           "diffprune eval RUN_DIR"]
+    if causal:
+        use = ["diffprune predict RUN_DIR --prompt \"...\"   # streams the generated text", "diffprune eval RUN_DIR",
+               "diffprune serve RUN_DIR   # OpenAI-compatible /v1/completions and /v1/chat/completions"]
+    else:
+        use = ["diffprune predict RUN_DIR --text \"...\""
+               + (" --text-pair \"...\"" if len(info["text_columns"]) == 2 else ""), "diffprune eval RUN_DIR"]
     if "n_diffed" in m:
         use += ["diffprune inspect RUN_DIR --plot density.png",
                 "diffprune merge RUN_DIR --output-dir merged   # an ordinary transformers checkpoint"]
+    if causal and "score" in m:
+        lines.insert(lines.index("## Validation by epoch") - 1,
+                     "Score: exact match x 100 of greedy generations when the validation rows carry references, "
+                     "else perplexity (lower is better).")
     lines += ["", "## Use", "", "```bash", *use, "```"]
     return "\n".join(lines) + "\n"
 

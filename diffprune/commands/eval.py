@@ -13,6 +13,9 @@ run was trained with; --task/--data-dir picks a GLUE validation set, --file any 
   diffprune eval runs/rte
   diffprune eval runs/rte --data-dir ../shared/glue
   diffprune eval runs/reviews --file test.csv --label-column stars --output test-metrics.json
+
+Causal-LM runs report loss and perplexity over the completion tokens, and exact match of greedy
+generations where the rows carry a reference (--file: rows in the run's data format).
 """
 
 
@@ -67,13 +70,47 @@ def _validation_data(args, info: dict, spec):
     raise DataError(f"{args.run_dir} does not record its validation data; pass --file or --task/--data-dir")
 
 
+def _evaluate_causal(args, info: dict) -> dict:
+    from pathlib import Path
+
+    from ..batching import pad_id
+    from ..families import get_family
+    from ..lmdata import encode_lm, read_lm_file
+    from ..lmeval import combine_lm_metrics, lm_partial_metrics
+    from ..runs import RUN_FILE, load_run, read_json
+    from ..tasks import DataError
+
+    if args.task or args.data_dir or args.text_columns or args.label_column:
+        raise DataError("--task, --data-dir, --text-columns and --label-column describe classification data; "
+                        "a causal-LM run is scored on its validation file or --file")
+    run_file = Path(args.run_dir) / RUN_FILE
+    run = read_json(run_file, "run metadata") if run_file.exists() else {}
+    path = args.file or run.get("data", {}).get("validation_file")
+    if not path:
+        raise DataError(f"{args.run_dir} does not record its validation data; pass --file")
+    data = read_lm_file(path, "--file" if args.file else "validation file", fmt=info.get("data_format"),
+                        max_rows=args.max_samples)
+    model, tokenizer, info = load_run(args.run_dir, allow_base_mismatch=args.allow_base_mismatch)
+    enc = encode_lm(tokenizer, data, int(info["max_seq_length"]))
+    max_new = int(run.get("settings", {}).get("generation_max_new_tokens") or 32)
+    part = lm_partial_metrics(model, enc, tokenizer, list(range(len(enc))), batch_size=args.batch_size,
+                              pad_token_id=pad_id(tokenizer), device=None, max_new_tokens=max_new)
+    metrics = combine_lm_metrics([part])
+    return {"run_dir": str(args.run_dir), "task": info.get("task"), "method": info.get("method"),
+            "data": str(Path(path).resolve()), "examples": len(enc), "metrics": metrics,
+            "score": get_family(info["family"]).score(None, metrics)}
+
+
 def evaluate_run(args) -> dict:
     from ..batching import encode_dataset, pad_id, predict_outputs
+    from ..families import family_of_info
     from ..metrics import score_of, task_metrics
     from ..runs import load_run, read_task_info
     from ..tasks import spec_from_info
 
     info = read_task_info(args.run_dir)
+    if not family_of_info(info).has_head:
+        return _evaluate_causal(args, info)
     spec = spec_from_info(info, args.label_column, args.text_columns)
     ds, source = _validation_data(args, info, spec)
     if args.max_samples:

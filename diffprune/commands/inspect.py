@@ -40,6 +40,11 @@ def run(args) -> int:
                        "structured and magnitude runs)")
     diff = SparseDiff.load(run_dir)
     report = analyze(diff)
+    c = diff.config
+    selection = {"diffed_tensors": len(diff.shapes), "n_diffed": diff.n_diffed, "nnz": diff.nnz,
+                 "budget": round(c.target_sparsity * diff.n_diffed), "target_sparsity": c.target_sparsity,
+                 "diff_parameters": c.diff_parameters, "frozen_parameters": c.frozen_parameters,
+                 "head_parameters": c.head_parameters}
     store = storage(diff, run_dir / DIFF_FILE)
     if args.plot:
         task = diff.extra.get("task")
@@ -48,11 +53,16 @@ def run(args) -> int:
     if args.json:
         out = {k: v for k, v in report.items() if k != "tensors"}
         out["storage"] = store
+        out["selection"] = selection
         if args.plot:
             out["plot"] = str(args.plot)
         print(json.dumps(out, indent=2))
     else:
         print(format_report(report, store))
+        which = ("every parameter" if c.diff_parameters is None else "parameters matching " + ", ".join(c.diff_parameters))
+        frozen = f"; frozen: {', '.join(c.frozen_parameters)}" if c.frozen_parameters else ""
+        print(f"\ndiffed: {which}{frozen} ({selection['diffed_tensors']} tensors, {diff.n_diffed:,} entries; budget "
+              f"round({c.target_sparsity:g} x {diff.n_diffed:,}) = {selection['budget']:,}, kept {diff.nnz:,})")
         if args.plot:
             print(f"\nheat map written to {args.plot}")
     return 0

@@ -6,7 +6,8 @@ import argparse
 
 DESCRIPTION = """\
 Write base + diff (and the task head) as an ordinary transformers checkpoint with its tokenizer,
-loadable with AutoModelForSequenceClassification.from_pretrained(DIR) and no diffprune installed.
+loadable with AutoModelForSequenceClassification.from_pretrained(DIR) (causal-LM runs:
+AutoModelForCausalLM) and no diffprune installed.
 LoRA runs are merged too; full-finetuning runs already are one (RUN_DIR/model).
 
   diffprune merge runs/rte --output-dir rte-merged
@@ -29,6 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from pathlib import Path
 
+    from ..families import family_of_info
     from ..runs import MODEL_DIR, RunError, hf_quiet, load_run, run_method
 
     out = Path(args.output_dir)
@@ -43,7 +45,9 @@ def run(args) -> int:
     model, tokenizer, info = load_run(args.run_dir, allow_base_mismatch=args.allow_base_mismatch)
     with hf_quiet():
         merged = model.merge_and_unload()
-        merged.config.problem_type = "regression" if info["task_type"] == "regression" else "single_label_classification"
+        if family_of_info(info).has_head:
+            merged.config.problem_type = ("regression" if info["task_type"] == "regression"
+                                          else "single_label_classification")
         out.mkdir(parents=True, exist_ok=True)
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)

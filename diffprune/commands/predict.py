@@ -1,4 +1,5 @@
-"""`diffprune predict RUN_DIR`: labels and probabilities (JSON lines) for texts or a file."""
+"""`diffprune predict RUN_DIR`: labels and probabilities (JSON lines) for texts or a file; for a causal-LM
+run, a generated continuation of --prompt (or of the conversation in --messages), streamed."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ classification {"label": ..., "label_id": ..., "probabilities": {label: p, ...}}
   diffprune predict runs/sst2 --text "a gorgeous, witty, seductive movie"
   diffprune predict runs/rte --text "A cat sat on the mat." --text-pair "An animal is sitting."
   diffprune predict runs/rte --file pairs.tsv          (columns: the run's text columns)
+
+Causal-LM runs generate, streaming tokens to the terminal as they come (greedy unless --temperature):
+
+  diffprune predict runs/qa --prompt "question: is the sky blue? answer:" --max-new-tokens 32
+  diffprune predict runs/chat --messages chat.jsonl   (one {"role": ..., "content": ...} per line)
 """
 
 
@@ -27,6 +33,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--file", help="a .csv, .tsv or .jsonl file of inputs, one prediction per row")
     p.add_argument("--text-columns", nargs="+", metavar="COLUMN", help="text columns of --file (default: the run's)")
     p.add_argument("--batch-size", type=int, default=64)
+    g = p.add_argument_group("causal-LM runs")
+    g.add_argument("--prompt", help="the text to continue")
+    g.add_argument("--messages", metavar="FILE", help="a conversation to answer: JSON Lines of {\"role\", \"content\"} "
+                   "messages, or one JSON object with \"messages\"")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--json", action="store_true", help="print one JSON object (text, finish_reason, token counts) "
+                   "at the end instead of streaming the text")
     p.add_argument("--output", help="write the JSON lines to this file instead of standard output")
     add_base_mismatch_flag(p)
     p.set_defaults(run=run)
@@ -52,12 +69,119 @@ def predictions(model, tokenizer, info: dict, rows: list[list[str]], batch_size:
     return out
 
 
+def _read_messages(path: str) -> list[dict]:
+    """A conversation from a file: JSON Lines of messages, or one JSON object {"messages": [...]} / a list."""
+    from ..tasks import DataError
+
+    try:
+        text = open(path, encoding="utf-8").read()
+    except FileNotFoundError:
+        raise DataError(f"--messages {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"--messages {path} is not UTF-8 text ({e})") from None
+    try:
+        whole = json.loads(text)
+        msgs = (whole.get("messages", [whole] if "role" in whole else None)) if isinstance(whole, dict) else whole
+    except json.JSONDecodeError:
+        msgs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    msgs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"--messages {path}, line {n}: not JSON ({e.msg})") from None
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"--messages {path}: expected messages ({{\"role\": ..., \"content\": ...}} per line)")
+    for n, m in enumerate(msgs, 1):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"--messages {path}: message {n} needs a string \"role\" and \"content\"")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise DataError(f"--messages {path}: message {n} has role {m['role']!r}; use system, user or assistant")
+    return msgs
+
+
+class _StopAwareStream:
+    """A transformers streamer that writes text as it comes and never a stop string (nor what follows)."""
+
+    def __init__(self, tokenizer, stop, out):
+        from transformers import TextStreamer
+
+        parent = self
+
+        class _S(TextStreamer):
+            def on_finalized_text(self, text, stream_end=False):
+                parent.feed(text, stream_end)
+
+        self.streamer = _S(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stop, self.out, self.pending, self.stopped = [s for s in (stop or []) if s], out, "", False
+
+    def feed(self, text: str, end: bool) -> None:
+        if self.stopped:
+            return
+        self.pending += text
+        for s in self.stop:
+            if s in self.pending:
+                self.out.write(self.pending[: self.pending.index(s)])
+                self.pending, self.stopped = "", True
+                self.out.flush()
+                return
+        hold = max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        if end:
+            hold = 0
+        emit, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        self.out.write(emit)
+        self.out.flush()
+
+
+def _generate(args, info) -> int:
+    import torch
+
+    from ..cli import UsageError
+    from ..lmdata import render_prompt
+    from ..lmeval import generate
+    from ..runs import load_run
+
+    if args.file or args.text is not None or args.text_pair is not None or args.text_columns:
+        raise UsageError(f"{args.run_dir} is a causal-LM run: give --prompt \"...\" or --messages FILE "
+                         "(--text, --text-pair and --file are for classifier runs)")
+    if (args.prompt is None) == (args.messages is None):
+        raise UsageError("give one of --prompt \"...\" or --messages FILE")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if args.temperature < 0 or not (0 < args.top_p <= 1):
+        raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
+    messages = _read_messages(args.messages) if args.messages else None
+    model, tokenizer, info = load_run(args.run_dir, allow_base_mismatch=args.allow_base_mismatch)
+    ids = render_prompt(tokenizer, prompt=args.prompt, messages=messages)
+    limit = int(info.get("max_seq_length") or 0)
+    if limit and len(ids) > limit:
+        print(f"diffprune predict: warning: the prompt is {len(ids)} tokens, longer than the {limit} the run "
+              "trained on", file=sys.stderr)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    stream = None if args.json else _StopAwareStream(tokenizer, args.stop, sys.stdout)
+    out = generate(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, stop=args.stop, streamer=stream.streamer if stream else None)
+    if args.json:
+        print(json.dumps({"text": out["text"], "finish_reason": out["finish_reason"], "prompt_tokens": len(ids),
+                          "completion_tokens": len(out["token_ids"])}))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
 def run(args) -> int:
     from ..cli import UsageError
+    from ..families import family_of_info
     from ..runs import load_run, read_task_info
     from ..tasks import read_texts
 
     info = read_task_info(args.run_dir)
+    if not family_of_info(info).has_head:
+        return _generate(args, info)
+    if args.prompt is not None or args.messages is not None:
+        raise UsageError(f"--prompt and --messages are for causal-LM runs; {args.run_dir} is a "
+                         f"{info['task_type']} run: give --text or --file")
     n_texts = len(info["text_columns"])
     if args.file:
         if args.text is not None or args.text_pair is not None:
