@@ -13,19 +13,7 @@ import pytest
 import torch
 
 from .helpers_cli import cli, one_thread, write_jsonl  # noqa: F401  (fixture)
-from .tiny_models import save_tiny_causal
-
-QUESTIONS = [("is the sky blue", "yes"), ("is fire cold", "no"), ("is a cat an animal", "yes"),
-             ("is the dog a fish", "no"), ("is one less than two", "yes"), ("is ice hot", "no")]
-
-
-def _qa_rows(n: int, offset: int = 0) -> list[dict]:
-    rows = []
-    for i in range(n):
-        q, a = QUESTIONS[(i + offset) % len(QUESTIONS)]
-        rows.append({"prompt": f"question: {q}? answer:", "completion": f" {a}"})
-    return rows
-
+from .tiny_models import QUESTIONS, qa_rows, save_tiny_causal
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
@@ -35,7 +23,7 @@ def llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def qa_files(tmp_path_factory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("qa")
-    return write_jsonl(d / "train.jsonl", _qa_rows(24)), write_jsonl(d / "val.jsonl", _qa_rows(6, offset=1))
+    return write_jsonl(d / "train.jsonl", qa_rows(24)), write_jsonl(d / "val.jsonl", qa_rows(6, offset=1))
 
 
 def _train(base: Path, out: Path, train_file: Path, val_file: Path, *extra) -> dict:
@@ -207,8 +195,8 @@ def test_lora_and_full_train_a_causal_lm(tmp_path, llama_dir, qa_files):
 
 
 def test_bad_causal_data_is_refused_before_anything_is_written(tmp_path, llama_dir):
-    tr = write_jsonl(tmp_path / "bad.jsonl", _qa_rows(3) + [{"prompt": "no completion here"}])
-    va = write_jsonl(tmp_path / "val.jsonl", _qa_rows(2))
+    tr = write_jsonl(tmp_path / "bad.jsonl", qa_rows(3) + [{"prompt": "no completion here"}])
+    va = write_jsonl(tmp_path / "val.jsonl", qa_rows(2))
     code, _, err = cli("train", "--model", llama_dir, "--train-file", tr, "--validation-file", va,
                        "--output-dir", tmp_path / "out", "--no-progress", check=False)
     assert code == 2 and "line 4" in err and "completion" in err
