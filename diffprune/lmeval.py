@@ -1,5 +1,5 @@
 """Validation of causal LMs: token-weighted loss and perplexity over the loss tokens, and exact match of
-greedy generations against the reference completions (whitespace and case normalised), and the greedy
+greedy generations against the reference completions (whitespace and case normalised), and the one-prompt
 generation that `diffprune predict` and the exact-match score share.
 
 Several processes each score their share of the rows (`lm_partial_metrics`) and `combine_lm_metrics`
@@ -17,31 +17,33 @@ def generate(model, tokenizer, prompt_ids: list[int], *, max_new_tokens: int, te
     """One prompt's continuation: {"text", "token_ids", "finish_reason" ("stop" | "length")}.
 
     Greedy when `temperature` is 0 (KV cache on). Generation ends at the tokenizer's EOS or at a stop
-    string (the text is cut before it). `streamer` is a transformers streamer fed as tokens come."""
+    string, found and cut as the server does (`diffprune.generation`). `streamer`: e.g. a
+    `generation.TextDeltaStreamer`, fed as tokens come."""
+    from transformers import StoppingCriteriaList
+
+    from .generation import StopOnStrings, cut_at_stop, decode
+
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    kwargs = {"max_new_tokens": int(max_new_tokens), "attention_mask": torch.ones_like(ids),
-              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    stop = [s for s in (stop or []) if s]
+    criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stop, ids.shape[1], eos)] if stop else [])
+    kwargs = {"max_new_tokens": int(max_new_tokens), "attention_mask": torch.ones_like(ids), "use_cache": True,
+              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "stopping_criteria": criteria, "streamer": streamer}
     if temperature and temperature > 0:
         kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if stop:
-        kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
-    if streamer is not None:
-        kwargs["streamer"] = streamer
     model.eval()
     with torch.no_grad():
         out = model.generate(ids, **kwargs)
     new = out[0, ids.shape[1]:].tolist()
     finish = "length"
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new:
-        new = new[: new.index(tokenizer.eos_token_id)]
+    if eos and any(t in eos for t in new):
+        new = new[: next(k for k, t in enumerate(new) if t in eos)]
         finish = "stop"
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    for s in stop or ():
-        if s and s in text:
-            text, finish = text[: text.index(s)], "stop"
-    return {"text": text, "token_ids": new, "finish_reason": finish}
+    text, stopped = cut_at_stop(decode(tokenizer, new), stop)
+    return {"text": text, "token_ids": new, "finish_reason": "stop" if stopped else finish}
 
 
 @torch.no_grad()

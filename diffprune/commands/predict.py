@@ -100,43 +100,11 @@ def _read_messages(path: str) -> list[dict]:
     return msgs
 
 
-class _StopAwareStream:
-    """A transformers streamer that writes text as it comes and never a stop string (nor what follows)."""
-
-    def __init__(self, tokenizer, stop, out):
-        from transformers import TextStreamer
-
-        parent = self
-
-        class _S(TextStreamer):
-            def on_finalized_text(self, text, stream_end=False):
-                parent.feed(text, stream_end)
-
-        self.streamer = _S(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.stop, self.out, self.pending, self.stopped = [s for s in (stop or []) if s], out, "", False
-
-    def feed(self, text: str, end: bool) -> None:
-        if self.stopped:
-            return
-        self.pending += text
-        for s in self.stop:
-            if s in self.pending:
-                self.out.write(self.pending[: self.pending.index(s)])
-                self.pending, self.stopped = "", True
-                self.out.flush()
-                return
-        hold = max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        if end:
-            hold = 0
-        emit, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
-        self.out.write(emit)
-        self.out.flush()
-
-
 def _generate(args, info) -> int:
     import torch
 
     from ..cli import UsageError
+    from ..generation import TextDeltaStreamer
     from ..lmdata import render_prompt
     from ..lmeval import generate
     from ..runs import load_run
@@ -159,9 +127,15 @@ def _generate(args, info) -> int:
               "trained on", file=sys.stderr)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    stream = None if args.json else _StopAwareStream(tokenizer, args.stop, sys.stdout)
+    def write(piece):
+        if piece:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    # the text as it comes, never a stop string nor what follows it (`diffprune.generation`)
+    stream = None if args.json else TextDeltaStreamer(tokenizer, args.stop or (), callback=write)
     out = generate(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, stop=args.stop, streamer=stream.streamer if stream else None)
+                   top_p=args.top_p, stop=args.stop, streamer=stream)
     if args.json:
         print(json.dumps({"text": out["text"], "finish_reason": out["finish_reason"], "prompt_tokens": len(ids),
                           "completion_tokens": len(out["token_ids"])}))

@@ -1,6 +1,8 @@
-"""Multi-task serving: one base model, many sparse diffs (`MultiTaskModel`), and an HTTP server
-(`diffprune.serving.server.create_app`, needs the ``serve`` extra: fastapi + uvicorn)."""
+"""Multi-task serving: one base model, many sparse diffs (`MultiTaskModel`), one base per model family
+side by side (`TaskRouter`), and an HTTP server (`diffprune.serving.server.create_app`, with
+OpenAI-compatible endpoints for causal LMs in `openai_api`; needs the ``serve`` extra: fastapi + uvicorn)."""
 
-from .multitask import InputError, MultiTaskModel, TaskError, TaskExistsError, UnknownTaskError
+from .multitask import InputError, MultiTaskModel, TaskError, TaskExistsError, TaskTypeError, UnknownTaskError
+from .router import TaskRouter
 
-__all__ = ["InputError", "MultiTaskModel", "TaskError", "TaskExistsError", "UnknownTaskError"]
+__all__ = ["InputError", "MultiTaskModel", "TaskError", "TaskExistsError", "TaskRouter", "TaskTypeError", "UnknownTaskError"]

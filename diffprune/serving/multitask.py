@@ -1,5 +1,10 @@
 """`MultiTaskModel`: one base model in memory serving many tasks, each a sparse diff plus a head.
 
+Two model families (`diffprune.families`): a classifier base (``AutoModelForSequenceClassification``)
+serves classification / regression tasks (`predict`); a causal-LM base (``AutoModelForCausalLM``,
+no head: a task is its diff alone) serves generation tasks (`generate`). A `MultiTaskModel` holds one
+base of one family; `diffprune.serving.router.TaskRouter` puts several side by side.
+
 How a batch for task t runs
 ---------------------------
 The base model's weights are edited in place: t's diff is applied (theta[idx] = theta[idx] + delta,
@@ -15,6 +20,10 @@ applied and no other task's; callers that batch requests per task (the server do
 rare. The weights a forward sees are bit-identical to ``DiffModel.merge_and_unload()``'s for that
 task (same float32 addition), so predictions equal the merged model's.
 
+Generation (`generate`) holds the same lock for "switch + ``model.generate``" (KV cache on). Prompts
+are token ids and are never padded: a call with prompts of several lengths runs one ``generate`` per
+length, so each greedy answer equals the merged model's greedy answer for that prompt alone.
+
 The fingerprint of the base is computed once per head-parameter pattern set (with no task
 applied) and compared with every diff when it is added; a diff trained on another base is
 refused with `BaseModelMismatchError`. The hot path never fingerprints.
@@ -25,6 +34,7 @@ values at those positions (float32 each: 12 bytes per nonzero) and its head tens
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +53,7 @@ from torch import nn
 from .. import apply as engine
 from ..diff_file import DIFF_FILE, SparseDiff
 from ..errors import BaseModelMismatchError, DiffFileError, DiffPruneError
+from ..families import CAUSAL_LM, CLASSIFIER, GENERATION, family_of_info, get_family
 from ..fingerprint import model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -50,6 +61,8 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 TASK_TYPES = ("classification", "regression")
+FAMILY_TASK_TYPES = {CLASSIFIER: TASK_TYPES, CAUSAL_LM: (GENERATION,)}
+"""The task types a base of each family serves."""
 
 
 class TaskError(DiffPruneError):
@@ -69,6 +82,18 @@ class TaskExistsError(TaskError, ValueError):
 
 class InputError(TaskError, ValueError):
     """Inputs that do not fit the task (e.g. single texts for a sentence-pair task)."""
+
+
+class PromptTooLongError(InputError):
+    """A prompt over the task's max_seq_length, or over the base's context with the tokens asked for."""
+
+
+class TaskTypeError(InputError):
+    """A call the task's type does not serve: predict on a generation task, generate on a classifier."""
+
+    def __init__(self, message: str, task_type: str):
+        super().__init__(message)
+        self.task_type = task_type
 
 
 # ---- per-task state ------------------------------------------------------------------------------
@@ -147,6 +172,10 @@ class _Task:
     n_texts: int | None
     max_seq_length: int
 
+    @property
+    def generates(self) -> bool:
+        return self.task_type == GENERATION
+
 
 @dataclass
 class Stats:
@@ -156,6 +185,10 @@ class Stats:
     forward_seconds: float = 0.0
     inputs: int = 0
     per_task: dict = field(default_factory=dict)
+    generate_calls: int = 0
+    generate_seconds: float = 0.0
+    prompts: int = 0
+    generated_tokens: int = 0
 
     def to_dict(self) -> dict:
         return {
@@ -168,7 +201,33 @@ class Stats:
             "inputs": self.inputs,
             "mean_batch_size": self.inputs / self.forwards if self.forwards else None,
             "per_task_inputs": dict(self.per_task),
+            "generate_calls": self.generate_calls,
+            "generate_seconds": self.generate_seconds,
+            "prompts": self.prompts,
+            "mean_prompts_per_generate": self.prompts / self.generate_calls if self.generate_calls else None,
+            "generated_tokens": self.generated_tokens,
         }
+
+    def add(self, other: "Stats") -> "Stats":
+        """The sum of two models' counters (the router's totals)."""
+        out = Stats()
+        for f in ("switches", "switch_seconds", "forwards", "forward_seconds", "inputs", "generate_calls",
+                  "generate_seconds", "prompts", "generated_tokens"):
+            setattr(out, f, getattr(self, f) + getattr(other, f))
+        out.per_task = {**self.per_task, **other.per_task}
+        return out
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """torch's RNG seeded with `seed` for the block and restored afterwards (nothing when None)."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if device.type != "cpu" else "cuda"):
+        torch.manual_seed(int(seed))
+        yield
 
 
 def _resolve_param(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -220,23 +279,38 @@ def check_task_name(name: str) -> str:
     return name
 
 
-def load_base_model(base_model: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """The base checkpoint as ``AutoModelForSequenceClassification`` (eval mode) and its tokenizer
-    (`runs.load_pretrained`: a model that cannot be found or read is a `RunError` with the fix)."""
+def load_base_model(base_model: str | os.PathLike, dtype: torch.dtype = torch.float32, family: str = CLASSIFIER):
+    """The base checkpoint with its family's Auto class (``AutoModelForSequenceClassification``, or
+    ``AutoModelForCausalLM`` for "causal-lm"), in eval mode, and its tokenizer (`runs.load_pretrained`:
+    a model that cannot be found or read is a `RunError` with the fix; no pad token: pad = eos)."""
     from ..runs import load_pretrained
 
-    model, tokenizer = load_pretrained(base_model, dtype=dtype)
+    model, tokenizer = load_pretrained(base_model, dtype=dtype, family=family)
     return model.eval(), tokenizer
+
+
+def module_family(model: nn.Module) -> str:
+    """The family of an already built model: causal-lm for ``*ForCausalLM`` / ``*LMHeadModel``."""
+    return CAUSAL_LM if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) else CLASSIFIER
+
+
+def diff_family(diff: SparseDiff) -> str:
+    """The family a diff was trained in (its ``extra['family']``; absent: classifier)."""
+    try:
+        return family_of_info(diff.extra).name
+    except DiffPruneError as e:
+        raise DiffFileError(f"diff metadata: {e}") from None
 
 
 class MultiTaskModel:
     """One base model in memory, many tasks (sparse diff + head each), any task per call.
 
-    ``MultiTaskModel(base_model, {name: SparseDiff | run_dir, ...}, tokenizer=None)`` where
-    `base_model` is an ``nn.Module`` or a checkpoint path / hub id (loaded once in float32 as
-    ``AutoModelForSequenceClassification``, with its tokenizer). The model takes ownership of the
-    base: its weights are edited in place while a task is active, and restored bit-exactly by
-    `deactivate()`. All methods are thread-safe.
+    ``MultiTaskModel(base_model, {name: SparseDiff | run_dir, ...}, tokenizer=None, family=None)`` where
+    `base_model` is an ``nn.Module`` or a checkpoint path / hub id (loaded once in float32 with the
+    family's Auto class, with its tokenizer). `family` ("classifier" or "causal-lm") defaults to the
+    first task's (its diff's ``extra['family']``), else the module's kind, else classifier. The model
+    takes ownership of the base: its weights are edited in place while a task is active, and restored
+    bit-exactly by `deactivate()`. All methods are thread-safe.
     """
 
     def __init__(
@@ -245,18 +319,32 @@ class MultiTaskModel:
         tasks: Mapping[str, SparseDiff | str | os.PathLike] | None = None,
         *,
         tokenizer=None,
+        family: str | None = None,
         default_max_seq_length: int = 128,
         allow_base_mismatch: bool = False,
     ):
+        tasks = dict(tasks or {})
+        loaded: dict[str, tuple[SparseDiff, Any]] = {}  # name -> (diff, run dir or None)
+        if family is None and tasks:
+            name, first = next(iter(tasks.items()))
+            if not isinstance(first, SparseDiff):
+                loaded[name] = (SparseDiff.load(first), first)
+            family = diff_family(loaded[name][0] if name in loaded else first)
+        if family is not None:
+            get_family(family)  # a ConfigError naming the families
         if isinstance(base_model, (str, os.PathLike)):
             self.base_model_id: str | None = str(base_model)
-            model, loaded_tok = load_base_model(base_model)
+            family = family or CLASSIFIER
+            model, loaded_tok = load_base_model(base_model, family=family)
             tokenizer = tokenizer if tokenizer is not None else loaded_tok
         elif isinstance(base_model, nn.Module):
             model = base_model
+            family = family or module_family(model)
             self.base_model_id = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         else:
             raise TypeError(f"base_model must be an nn.Module or a checkpoint path, got {type(base_model).__name__}")
+        self.family: str = family
+        """The base's model family: "classifier" (predict) or "causal-lm" (generate)."""
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -271,8 +359,11 @@ class MultiTaskModel:
         self._fingerprints: dict[tuple, str] = {}
         self._scratch = _Scratch()
         self.stats = Stats()
-        for name, diff in (tasks or {}).items():
-            self.add_task(name, diff)
+        for name, diff in tasks.items():
+            if name in loaded:
+                self.add_task(name, loaded[name][0], run_dir=loaded[name][1])
+            else:
+                self.add_task(name, diff)
 
     @classmethod
     def from_run_dirs(
@@ -280,9 +371,11 @@ class MultiTaskModel:
         runs: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike],
         base_model: nn.Module | str | os.PathLike | None = None,
         tokenizer=None,
+        family: str | None = None,
     ) -> "MultiTaskModel":
-        """Load run directories (``{name: dir}`` or ``[dir, ...]``); the base is the first diff's
-        ``extra['base_model']`` unless given."""
+        """Load run directories (``{name: dir}`` or ``[dir, ...]``) of one family; the base is the
+        first diff's ``extra['base_model']`` unless given, the family the first diff's unless given.
+        (Runs of several families: `diffprune.serving.router.TaskRouter.from_run_dirs`.)"""
         items = list(runs.items()) if isinstance(runs, Mapping) else [(None, r) for r in runs]
         if not items:
             raise TaskError("no run directories given")
@@ -293,7 +386,7 @@ class MultiTaskModel:
                 raise TaskError(
                     f"{items[0][1]}: the diff does not name its base model (extra['base_model']); pass base_model"
                 )
-        model = cls(base_model, tokenizer=tokenizer)
+        model = cls(base_model, tokenizer=tokenizer, family=family or diff_family(loaded[0][2]))
         for name, path, diff in loaded:
             model.add_task(name or default_task_name(diff, path), diff, run_dir=path)
         return model
@@ -326,6 +419,27 @@ class MultiTaskModel:
             raise UnknownTaskError(f"unknown task {name!r}; loaded tasks: {sorted(self._tasks)}")
         return task
 
+    def _classifier_task(self, name: str) -> _Task:
+        task = self._get(name)
+        if task.generates:
+            raise TaskTypeError(
+                f"task {name!r} is a generation task (causal LM): it generates text and has no labels to predict; "
+                "use MultiTaskModel.generate, or POST /v1/completions or /v1/chat/completions with model "
+                f"{name!r}", task.task_type)
+        return task
+
+    def _generation_task(self, name: str) -> _Task:
+        task = self._get(name)
+        if not task.generates:
+            raise TaskTypeError(
+                f"task {name!r} is a {task.task_type} task (classifier): it cannot generate text; use "
+                f"MultiTaskModel.predict, or POST /v1/tasks/{name}/predict", task.task_type)
+        return task
+
+    def generates(self, name: str) -> bool:
+        """Whether task `name` is a generation task (else classification / regression)."""
+        return self._get(name).generates
+
     def add_task(
         self,
         name: str | None,
@@ -347,6 +461,13 @@ class MultiTaskModel:
         if metrics is not None:
             meta["metrics"] = metrics
         name = check_task_name(name if name is not None else default_task_name(diff, run_dir))
+        family = diff_family(diff)
+        if family != self.family:
+            raise TaskError(
+                f"task {name!r} is a {family} run but this model's base is a {self.family} "
+                f"({self.base_model_id or 'an unnamed model'}); serve it on a {family} base "
+                "(`diffprune serve` loads one base per family)"
+            )
         task_type, labels, n_texts, max_len = self._task_meta(diff)
         if meta["stored_bytes"] is None and run_dir is not None and (Path(run_dir) / DIFF_FILE).is_file():
             meta["stored_bytes"] = (Path(run_dir) / DIFF_FILE).stat().st_size
@@ -380,6 +501,7 @@ class MultiTaskModel:
             info = {
                 "name": name,
                 "task": diff.extra.get("task"),
+                "family": self.family,
                 "task_type": task_type,
                 "labels": list(labels),
                 "text_columns": list(diff.extra.get("text_columns") or []),
@@ -393,7 +515,10 @@ class MultiTaskModel:
                 "method": diff.extra.get("method"),
                 "base_model": diff.extra.get("base_model"),
                 "run_dir": str(Path(run_dir).resolve()) if run_dir is not None else None,
+                "created": int(time.time()),
             }
+            if task_type == GENERATION:
+                info["data_format"] = diff.extra.get("data_format")
             self._tasks[name] = _Task(name, info, patches, heads, task_type, list(labels), n_texts, max_len)
             self.stats.per_task.setdefault(name, 0)
             return dict(info)
@@ -410,9 +535,12 @@ class MultiTaskModel:
 
     def _task_meta(self, diff: SparseDiff) -> tuple[str, list[str], int | None, int]:
         extra = diff.extra or {}
-        task_type = extra.get("task_type") or "classification"
-        if task_type not in TASK_TYPES:
-            raise DiffFileError(f"diff metadata task_type={task_type!r} is not one of {TASK_TYPES}")
+        allowed = FAMILY_TASK_TYPES[self.family]
+        task_type = extra.get("task_type") or allowed[0]
+        if task_type not in allowed:
+            raise DiffFileError(
+                f"diff metadata task_type={task_type!r} is not one of {allowed} (the task types of a {self.family} base)"
+            )
         labels = extra.get("labels") or []
         if not isinstance(labels, list) or not all(isinstance(x, (str, int)) for x in labels):
             raise DiffFileError("diff metadata 'labels' must be a list of label names")
@@ -492,6 +620,7 @@ class MultiTaskModel:
         step = batch_size or n or 1
         outs = []
         with self._lock:
+            self._classifier_task(name)
             self._activate_locked(name)
             t0 = time.perf_counter()
             for start in range(0, n, step):
@@ -506,7 +635,7 @@ class MultiTaskModel:
 
     def split_inputs(self, name: str, inputs: Sequence) -> tuple[list[str], list[str] | None]:
         """Check single texts / text pairs against the task; returns (first texts, second texts or None)."""
-        task = self._get(name)
+        task = self._classifier_task(name)
         if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence) or len(inputs) == 0:
             raise InputError("inputs must be a non-empty list of texts or of [text, text] pairs")
         pairs = [isinstance(x, (list, tuple)) for x in inputs]
@@ -536,7 +665,7 @@ class MultiTaskModel:
 
     def encode(self, name: str, inputs: Sequence) -> tuple[dict[str, torch.Tensor], list[bool]]:
         """Tokenize for the task (its max_seq_length); also says which inputs were truncated."""
-        task = self._get(name)
+        task = self._classifier_task(name)
         first, second = self.split_inputs(name, inputs)
         tok = self._tokenizer()
         max_len = task.max_seq_length
@@ -548,7 +677,7 @@ class MultiTaskModel:
 
     def format(self, name: str, logits: torch.Tensor, truncated: Sequence[bool] | None = None) -> list[dict]:
         """Per-input results: label, label_id, score and all scores (classification) or value (regression)."""
-        task = self._get(name)
+        task = self._classifier_task(name)
         truncated = truncated if truncated is not None else [False] * logits.shape[0]
         results = []
         if task.task_type == "regression":
@@ -582,6 +711,189 @@ class MultiTaskModel:
         encoded, truncated = self.encode(name, inputs)
         logits = self.logits(name, encoded, batch_size)
         return self.format(name, logits, truncated)
+
+    # ---- generation -----------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int | None:
+        """The base's position limit (``max_position_embeddings`` / ``n_positions``), if it has one."""
+        cfg = getattr(self.model, "config", None)
+        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def render(self, name: str, *, prompt: str | None = None, messages: list | None = None) -> list[int]:
+        """The prompt token ids of a completion (`prompt`) or chat (`messages`) request, rendered as
+        training rendered them (`diffprune.lmdata.render_prompt`: the tokenizer's chat template, else
+        diffprune's default one, with the generation prompt)."""
+        from ..lmdata import render_prompt
+
+        self._generation_task(name)
+        tok = self._tokenizer()
+        with self._tok_lock:
+            try:
+                ids = render_prompt(tok, prompt=prompt, messages=messages)
+            except DiffPruneError as e:
+                raise InputError(str(e)) from None
+            except (TypeError, ValueError, KeyError) as e:  # a chat template refusing the messages
+                raise InputError(f"cannot render the {'messages' if messages is not None else 'prompt'}: {e}") from None
+        return [int(i) for i in ids]
+
+    def check_prompt(self, name: str, ids: Sequence[int], max_new_tokens: int) -> None:
+        """Refuse a prompt the task cannot take: empty, over the task's max_seq_length, or longer than
+        the base's context together with `max_new_tokens`; token ids outside the vocabulary."""
+        task = self._generation_task(name)
+        n = len(ids)
+        if n == 0:
+            raise InputError("the prompt is empty (0 tokens): send some text")
+        if n > task.max_seq_length:
+            raise PromptTooLongError(
+                f"the prompt is {n} tokens; task {name!r} takes at most {task.max_seq_length} (its max_seq_length): "
+                "shorten the prompt"
+            )
+        ctx = self.context_length
+        if ctx is not None and n + max_new_tokens > ctx:
+            raise PromptTooLongError(
+                f"the prompt ({n} tokens) plus max_tokens ({max_new_tokens}) is over the model's context of {ctx} "
+                f"tokens: lower max_tokens to at most {ctx - n}"
+            )
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if any(not (0 <= int(i) < vocab) for i in ids):
+            raise InputError(f"prompt token ids must lie in [0, {vocab})")
+
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if eos is None and self.tokenizer is not None:
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is None:
+            return set()
+        return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+    def generate(
+        self,
+        name: str,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        streamer=None,
+        cancel: threading.Event | None = None,
+    ) -> list[dict]:
+        """Generate a completion of each prompt (token ids) with generation task `name`.
+
+        Greedy when `temperature` is 0, else sampling with `temperature` and `top_p` (and the base's
+        own ``generation_config`` top_k, if it sets one); `seed` makes sampling reproducible (the global
+        RNG is restored afterwards). Generation stops at EOS, at a `stop` string (the text is cut before
+        it) or after `max_new_tokens`. Prompts of equal length run as one ``model.generate`` batch, other
+        lengths in their own calls: no padding, so each answer equals the merged model's for that
+        prompt alone. `streamer` (one prompt only) receives the tokens (`generation.TextDeltaStreamer`);
+        `cancel` (a ``threading.Event``) stops generation when set.
+
+        One dict per prompt: ``text``, ``token_ids`` (generated, EOS included when reached),
+        ``finish_reason`` ("stop": EOS or stop string; "length"; "cancelled"), ``prompt_tokens``,
+        ``completion_tokens``.
+        """
+        try:
+            return self._generate(name, prompts, max_new_tokens, temperature, top_p, stop, seed, streamer, cancel)
+        finally:
+            if streamer is not None:
+                streamer.end()  # idempotent; ends the stream when generation failed or never ran
+
+    def _generate(self, name, prompts, max_new_tokens, temperature, top_p, stop, seed, streamer, cancel) -> list[dict]:
+        from transformers import StoppingCriteriaList
+
+        from ..generation import StopOnCancel, StopOnStrings, cut_at_stop, decode
+
+        self._generation_task(name)
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+            raise InputError("prompts must be a non-empty list of token id lists")
+        prompts = [list(p) for p in prompts]
+        if not all(all(isinstance(i, int) and not isinstance(i, bool) for i in p) for p in prompts):
+            raise InputError("each prompt must be a list of token ids (integers)")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if not (isinstance(temperature, (int, float)) and temperature >= 0):
+            raise InputError(f"temperature must be >= 0, got {temperature!r}")
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+        if seed is not None and not (isinstance(seed, int) and -(2**63) <= seed < 2**64):
+            raise InputError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+        stop = [stop] if isinstance(stop, str) else list(stop or ())
+        if not all(isinstance(x, str) and x for x in stop):
+            raise InputError("stop strings must be non-empty strings")
+        if streamer is not None and len(prompts) != 1:
+            raise InputError("a streamer streams one prompt: pass a single prompt")
+        for p in prompts:
+            self.check_prompt(name, p, max_new_tokens)
+        tok = self._tokenizer()
+        eos = self._eos_ids()
+        pad = getattr(tok, "pad_token_id", None)
+        if pad is None:
+            pad = min(eos) if eos else 0
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(len(p), []).append(i)
+        results: list[dict | None] = [None] * len(prompts)
+        device = next(self.model.parameters()).device
+        sample = float(temperature) > 0
+        for length, rows in groups.items():
+            ids = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)
+            criteria = StoppingCriteriaList()
+            stopper = StopOnStrings(tok, stop, length, eos, self._tok_lock) if stop else None
+            if stopper is not None:
+                criteria.append(stopper)
+            if cancel is not None:
+                criteria.append(StopOnCancel(cancel))
+            kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                          do_sample=sample, use_cache=True, pad_token_id=pad, stopping_criteria=criteria,
+                          streamer=streamer)
+            if sample:
+                top_k = getattr(getattr(self.model, "generation_config", None), "top_k", None)
+                kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=top_k or 0)
+            if cancel is not None and cancel.is_set():
+                out = ids
+            else:
+                with self._lock:
+                    self._activate_locked(name)
+                    t0 = time.perf_counter()
+                    with torch.inference_mode(), _seeded(seed, device):
+                        out = self.model.generate(**kwargs)
+                    self.stats.generate_calls += 1
+                    self.stats.generate_seconds += time.perf_counter() - t0
+                    self.stats.prompts += len(rows)
+                    self.stats.per_task[name] = self.stats.per_task.get(name, 0) + len(rows)
+            generated = out[:, length:].tolist()
+            for r, i in enumerate(rows):
+                gen = generated[r]
+                if stopper is not None and r in stopper.done_at:
+                    gen = gen[: stopper.done_at[r] - length]
+                finish = "length"
+                for j, t in enumerate(gen):
+                    if t in eos:
+                        gen, finish = gen[: j + 1], "stop"
+                        break
+                text, stopped = cut_at_stop(decode(tok, gen[:-1] if finish == "stop" else gen, self._tok_lock), stop)
+                if stopped:
+                    finish = "stop"
+                elif finish == "length" and len(gen) < max_new_tokens:
+                    finish = "cancelled" if cancel is not None and cancel.is_set() else finish
+                results[i] = {"text": text, "token_ids": gen, "finish_reason": finish,
+                              "prompt_tokens": length, "completion_tokens": len(gen)}
+            with self._lock:
+                self.stats.generated_tokens += sum(results[i]["completion_tokens"] for i in rows)
+        return results  # type: ignore[return-value]
+
+    def streamer(self, name: str, stop=(), callback=None):
+        """A `generation.TextDeltaStreamer` for `generate(name, [prompt], streamer=...)`: the task's
+        tokenizer, guarded by this model's tokenizer lock."""
+        from ..generation import TextDeltaStreamer
+
+        self._generation_task(name)
+        return TextDeltaStreamer(self._tokenizer(), stop=stop, callback=callback, lock=self._tok_lock)
 
     # ---- memory ---------------------------------------------------------------------------------
     def memory_report(self) -> dict:

@@ -1,4 +1,9 @@
-"""HTTP server for a `MultiTaskModel`: FastAPI app factory `create_app` and the per-task batcher.
+"""HTTP server for a `MultiTaskModel` (or a `router.TaskRouter` of several bases, one per model family):
+FastAPI app factory `create_app` and the per-task batcher.
+
+Classifier tasks answer ``POST /v1/tasks/{task}/predict``; generation tasks (causal LMs) answer the
+OpenAI-compatible ``/v1/completions`` and ``/v1/chat/completions`` (`openai_api`); ``/v1/tasks`` and
+``/v1/models`` list every task of every base.
 
 Requests for the same task that arrive together are batched: the batcher takes the task whose
 oldest request has waited longest, waits at most `batch_wait_ms` after that request arrived for
@@ -9,7 +14,13 @@ grow without any added wait and task switches stay at most one per batch.
 Bad input never reaches the model thread: unknown task -> 404, malformed JSON -> 400, wrong types
 or empty list or texts/pairs not matching the task -> 422, body/count/text length over the limits
 -> 413, queue full -> 503. A batch that fails is retried request by request, so one bad request
-cannot fail its neighbours.
+cannot fail its neighbours. (The OpenAI-compatible endpoints answer in OpenAI's error shape with
+400 for a bad body: see `openai_api`.)
+
+Generation requests go through the same queues and model thread, one prompt per entry: a batch is
+the queued prompts of one task with equal token length and equal options (max tokens, temperature,
+top_p, stop), run as one unpadded ``generate`` call; streamed and seeded requests run alone and do
+not wait for company.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +49,7 @@ from .._io import proc_bytes
 from ..diff_file import CONFIG_FILE, DIFF_FILE
 from ..errors import BaseModelMismatchError, DiffFileError, DiffPruneError
 from .multitask import METRICS_FILE, InputError, MultiTaskModel, TaskError, TaskExistsError, UnknownTaskError
+from .router import TaskRouter
 from .schemas import AddTaskRequest, PredictRequest
 
 log = logging.getLogger("diffprune.serve")
@@ -58,9 +71,11 @@ class ServerSettings:
     """Most inputs waiting in the queue; beyond it requests get 503."""
     diff_root: str | None = None
     """Directory under which POST /v1/tasks may load run directories; None disables adding."""
+    max_new_tokens: int = 512
+    """Most tokens one completion may ask for (max_tokens over it -> 400)."""
 
     def validate(self) -> None:
-        for name in ("max_batch_size", "max_inputs", "max_text_chars", "max_body_bytes", "max_queue"):
+        for name in ("max_batch_size", "max_inputs", "max_text_chars", "max_body_bytes", "max_queue", "max_new_tokens"):
             if int(getattr(self, name)) < 1:
                 raise DiffPruneError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_wait_ms < 0:
@@ -72,18 +87,51 @@ class Overloaded(DiffPruneError):
 
 
 # ---- batching ------------------------------------------------------------------------------------
-class _Pending:
-    __slots__ = ("task", "inputs", "future", "arrived", "pairs")
+@dataclass(frozen=True)
+class GenerationParams:
+    """The options of one completion; requests batch together only when these (and the prompt length) are equal."""
 
-    def __init__(self, task: str, inputs: list, future: asyncio.Future, arrived: float):
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def kwargs(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "stop": list(self.stop), "seed": self.seed}
+
+
+class _Pending:
+    __slots__ = ("task", "inputs", "future", "arrived", "pairs", "params", "streamer", "cancel", "key")
+
+    def __init__(self, task: str, inputs: list, future: asyncio.Future, arrived: float,
+                 params: GenerationParams | None = None, streamer=None, cancel: threading.Event | None = None):
         self.task, self.inputs, self.future, self.arrived = task, inputs, future, arrived
-        self.pairs = isinstance(inputs[0], list)
+        self.params, self.streamer, self.cancel = params, streamer, cancel
+        if params is None:  # predict: texts or pairs
+            self.pairs = isinstance(inputs[0], list)
+            self.key = None
+        else:  # generate: one prompt (token ids)
+            self.pairs = None
+            # equal-length prompts with equal options share a `generate` call; seeded or streamed ones run alone
+            alone = streamer is not None or params.seed is not None
+            self.key = None if alone else (len(inputs[0]), params)
+
+    def finish_stream(self) -> None:
+        if self.streamer is not None:
+            self.streamer.end()
 
 
 class Batcher:
-    """Queues per task; one model thread; see the module docstring for the policy."""
+    """Queues per task; one model thread; see the module docstring for the policy.
 
-    def __init__(self, model: MultiTaskModel, max_batch_size: int = 32, batch_wait_ms: float = 5.0, max_queue: int = 4096):
+    `model` is a `MultiTaskModel` or a `router.TaskRouter`. Predict requests (`submit`) batch as
+    described above; generation requests (`enqueue_generation`, one prompt each) of a task batch with
+    the queued ones of equal prompt length and options, up to `max_batch_size` prompts."""
+
+    def __init__(self, model: MultiTaskModel | TaskRouter, max_batch_size: int = 32, batch_wait_ms: float = 5.0,
+                 max_queue: int = 4096):
         self.model = model
         self.max_batch_size = max_batch_size
         self.wait_s = batch_wait_ms / 1000.0
@@ -93,6 +141,7 @@ class Batcher:
         self.batches = 0
         self.requests = 0
         self.failed_batches = 0
+        self.cancelled = 0
         self._last_trim = 0.0
         self._wakeup: asyncio.Event | None = None
         self._runner: asyncio.Task | None = None
@@ -120,6 +169,7 @@ class Batcher:
             for p in q:
                 if not p.future.done():
                     p.future.set_exception(Overloaded("the server is shutting down"))
+                p.finish_stream()
         self.queues.clear()
         self.queued_inputs = 0
         if self._executor is not None:
@@ -137,11 +187,30 @@ class Batcher:
         self._wakeup.set()
         return await pending.future
 
+    def enqueue_generation(self, task: str, prompt: list[int], params: GenerationParams, *, streamer=None,
+                           cancel: threading.Event | None = None) -> asyncio.Future:
+        """Queue one prompt (token ids) of generation task `task`; the future gives its result dict
+        (`MultiTaskModel.generate`). Raises `Overloaded` when the queue is full. Cancelling the future
+        (and setting `cancel`) drops a request that has not started; `cancel` stops a running one."""
+        self.start()
+        if self.queued_inputs + 1 > self.max_queue:
+            raise Overloaded(f"the server is busy ({self.queued_inputs} inputs queued); retry later")
+        loop = asyncio.get_running_loop()
+        pending = _Pending(task, [prompt], loop.create_future(), loop.time(), params, streamer, cancel)
+        self.queues.setdefault(task, deque()).append(pending)
+        self.queued_inputs += 1
+        self._wakeup.set()
+        return pending.future
+
+    async def submit_generation(self, task: str, prompt: list[int], params: GenerationParams, **kwargs) -> dict:
+        return await self.enqueue_generation(task, prompt, params, **kwargs)
+
     def stats(self) -> dict:
         return {
             "batches": self.batches,
             "requests": self.requests,
             "failed_batches": self.failed_batches,
+            "cancelled_generations": self.cancelled,
             "mean_requests_per_batch": self.requests / self.batches if self.batches else None,
             "queued_inputs": self.queued_inputs,
             "max_batch_size": self.max_batch_size,
@@ -163,10 +232,21 @@ class Batcher:
         q = self.queues[task]
         batch = [q.popleft()]
         n = len(batch[0].inputs)
-        while q and q[0].pairs == batch[0].pairs and n + len(q[0].inputs) <= self.max_batch_size:
-            p = q.popleft()
-            batch.append(p)
-            n += len(p.inputs)
+        if batch[0].params is None:
+            while q and q[0].pairs == batch[0].pairs and n + len(q[0].inputs) <= self.max_batch_size:
+                p = q.popleft()
+                batch.append(p)
+                n += len(p.inputs)
+        elif batch[0].key is not None:  # every queued prompt of the same length and options, in order
+            rest = deque()
+            while q:
+                p = q.popleft()
+                if p.key == batch[0].key and n < self.max_batch_size and not p.future.done():
+                    batch.append(p)
+                    n += 1
+                else:
+                    rest.append(p)
+            q = self.queues[task] = rest
         if not q:
             del self.queues[task]
         self.queued_inputs -= sum(len(p.inputs) for p in batch)
@@ -180,7 +260,9 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            deadline = self.queues[task][0].arrived + self.wait_s
+            head = self.queues[task][0]
+            # a streamed or seeded generation runs alone: nothing to wait for
+            deadline = head.arrived + (0.0 if head.params is not None and head.key is None else self.wait_s)
             while self._queued(task) < self.max_batch_size:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -196,8 +278,12 @@ class Batcher:
 
     async def _execute(self, loop, task: str, batch: list[_Pending]) -> None:
         inputs = [x for p in batch for x in p.inputs]
+        generating = batch[0].params is not None
         try:
-            results = await loop.run_in_executor(self._executor, self._predict, task, inputs)
+            if generating:
+                results = await loop.run_in_executor(self._executor, self._generate, task, batch)
+            else:
+                results = await loop.run_in_executor(self._executor, self._predict, task, inputs)
         except Exception as e:  # isolate: retry one by one so a bad request fails alone
             self.failed_batches += 1
             if len(batch) > 1 and not isinstance(e, UnknownTaskError):
@@ -207,14 +293,17 @@ class Batcher:
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(e)
+                p.finish_stream()
             return
         self.batches += 1
         self.requests += len(batch)
         start = 0
         for p in batch:
             n = len(p.inputs)
+            if generating and results[start]["finish_reason"] == "cancelled":
+                self.cancelled += 1
             if not p.future.done():
-                p.future.set_result(results[start : start + n])
+                p.future.set_result(results[start] if generating else results[start : start + n])
             start += n
         now = time.monotonic()
         if now - self._last_trim >= TRIM_INTERVAL_S:
@@ -223,6 +312,12 @@ class Batcher:
 
     def _predict(self, task: str, inputs: list) -> list[dict]:
         return self.model.predict(task, inputs, batch_size=self.max_batch_size)
+
+    def _generate(self, task: str, batch: list[_Pending]) -> list[dict]:
+        first = batch[0]
+        return self.model.generate(task, [p.inputs[0] for p in batch], **first.params.kwargs(),
+                                   streamer=first.streamer if len(batch) == 1 else None,
+                                   cancel=first.cancel if len(batch) == 1 else None)
 
 
 TRIM_INTERVAL_S = 2.0
@@ -314,14 +409,19 @@ def resolve_run_dir(root: str | os.PathLike, given: str) -> Path:
 
 
 # ---- app ----------------------------------------------------------------------------------------
-def create_app(model: MultiTaskModel, settings: ServerSettings | None = None, **overrides) -> FastAPI:
-    """The FastAPI app serving `model` (see the module docstring); `overrides` set `ServerSettings` fields."""
+def create_app(model: MultiTaskModel | TaskRouter, settings: ServerSettings | None = None, **overrides) -> FastAPI:
+    """The FastAPI app serving `model`: a `MultiTaskModel` or a `TaskRouter` of one base per family (see
+    the module docstring); `overrides` set `ServerSettings` fields."""
+    from .openai_api import error_body, is_openai_path, register_openai_routes
+
     settings = settings or ServerSettings()
     for k, v in overrides.items():
         if not hasattr(settings, k):
             raise TypeError(f"unknown server setting {k!r}")
         setattr(settings, k, v)
     settings.validate()
+    given = model
+    model = model if isinstance(model, TaskRouter) else TaskRouter([model])
     batcher = Batcher(model, settings.max_batch_size, settings.batch_wait_ms, settings.max_queue)
     diff_root = Path(os.path.realpath(settings.diff_root)) if settings.diff_root else None
     started = time.time()
@@ -340,7 +440,8 @@ def create_app(model: MultiTaskModel, settings: ServerSettings | None = None, **
         description="Many tasks on one base model: each task is a sparse diff plus a head (diff pruning).",
         lifespan=lifespan,
     )
-    app.state.model = model
+    app.state.model = given
+    app.state.router = model
     app.state.batcher = batcher
     app.state.settings = settings
 
@@ -353,12 +454,17 @@ def create_app(model: MultiTaskModel, settings: ServerSettings | None = None, **
                 if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
                     methods |= set(route.methods)
             headers["Allow"] = ", ".join(sorted(methods))
+        if is_openai_path(request.url.path):
+            return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code, headers=headers)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        if is_openai_path(request.url.path):
+            return JSONResponse(error_body(500, message), status_code=500)
+        return _error(500, message)
 
     @app.get("/health", summary="Liveness and a short status")
     async def health():
@@ -367,6 +473,7 @@ def create_app(model: MultiTaskModel, settings: ServerSettings | None = None, **
             "tasks": len(model),
             "base_model": model.base_model_id,
             "active_task": model.active_task,
+            "bases": model.bases(),
             "uptime_s": round(time.time() - started, 3),
         }
 
@@ -385,6 +492,7 @@ def create_app(model: MultiTaskModel, settings: ServerSettings | None = None, **
     async def stats():
         return {
             "model": model.stats.to_dict(),
+            "models": model.per_family_stats(),
             "batcher": batcher.stats(),
             "memory": model.memory_report(),
             "rss_bytes": _rss_bytes(),
@@ -410,7 +518,8 @@ def create_app(model: MultiTaskModel, settings: ServerSettings | None = None, **
     async def predict(task: str, request: Request):
         """One result per input: `label`, `label_id`, `score` and `scores` (all labels) for
         classification, `value` for regression; `truncated` is true when an input was longer than
-        the task's max_seq_length and was cut."""
+        the task's max_seq_length and was cut. A generation task answers 422 (it is served by
+        /v1/completions and /v1/chat/completions)."""
         if task not in model:
             raise HTTPException(404, f"unknown task {task!r}; loaded tasks: {model.tasks()}")
         data = await _read_json(request, settings.max_body_bytes)
@@ -478,6 +587,7 @@ def create_app(model: MultiTaskModel, settings: ServerSettings | None = None, **
         log.info("removed task %s", task)
         return {"removed": task}
 
+    register_openai_routes(app, model, batcher, settings)
     return app
 
 
