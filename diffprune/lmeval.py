@@ -14,7 +14,8 @@ import torch
 
 def generate(model, tokenizer, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, device=None, streamer=None, stop: list[str] | None = None) -> dict:
-    """One prompt's continuation: {"text", "token_ids", "finish_reason" ("stop" | "length")}.
+    """One prompt's continuation: {"text", "token_ids" (before EOS), "finish_reason" ("stop" | "length"),
+    "completion_tokens" (generated, EOS included: as the server counts them)}.
 
     Greedy when `temperature` is 0 (KV cache on). Generation ends at the tokenizer's EOS or at a stop
     string, found and cut as the server does (`diffprune.generation`). `streamer`: e.g. a
@@ -38,12 +39,14 @@ def generate(model, tokenizer, prompt_ids: list[int], *, max_new_tokens: int, te
     with torch.no_grad():
         out = model.generate(ids, **kwargs)
     new = out[0, ids.shape[1]:].tolist()
+    generated = len(new)
     finish = "length"
     if eos and any(t in eos for t in new):
         new = new[: next(k for k, t in enumerate(new) if t in eos)]
         finish = "stop"
     text, stopped = cut_at_stop(decode(tokenizer, new), stop)
-    return {"text": text, "token_ids": new, "finish_reason": "stop" if stopped else finish}
+    return {"text": text, "token_ids": new, "finish_reason": "stop" if stopped else finish,
+            "completion_tokens": generated}
 
 
 @torch.no_grad()

@@ -211,3 +211,28 @@ def test_lm_data_on_an_encoder_is_refused_with_the_fix(tmp_path, qa_files):
                        "--output-dir", tmp_path / "out", "--no-progress", check=False)
     assert code == 2 and "not a decoder-only causal LM" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_train_predict_serve_openai_round_trip(llama_run):
+    """The run `diffprune train` wrote, served by `diffprune serve` in-process: the openai client's greedy
+    completion and chat answers equal `diffprune predict`'s."""
+    import openai
+
+    from diffprune.serving.multitask import MultiTaskModel
+    from diffprune.serving.server import create_app
+
+    from .test_serving_causal import live
+
+    prompt = "question: is fire cold? answer:"
+    _, expect, _ = cli("predict", llama_run, "--prompt", prompt, "--max-new-tokens", 6)
+    app = create_app(MultiTaskModel.from_run_dirs({"qa": llama_run}))
+    with live(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["qa"]
+        r = client.completions.create(model="qa", prompt=prompt, max_tokens=6, temperature=0)
+        assert r.choices[0].text + "\n" == expect
+        pieces = [c.choices[0].text for c in client.completions.create(model="qa", prompt=prompt, max_tokens=6,
+                                                                         temperature=0, stream=True) if c.choices]
+        assert "".join(pieces) + "\n" == expect
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="nope", prompt=prompt, max_tokens=2)

@@ -138,7 +138,7 @@ def _generate(args, info) -> int:
                    top_p=args.top_p, stop=args.stop, streamer=stream)
     if args.json:
         print(json.dumps({"text": out["text"], "finish_reason": out["finish_reason"], "prompt_tokens": len(ids),
-                          "completion_tokens": len(out["token_ids"])}))
+                          "completion_tokens": out["completion_tokens"]}))
     else:
         sys.stdout.write("\n")
     return 0
