@@ -239,15 +239,25 @@ def setup(config: str, model, adamw: str, lr: float = 2e-5, batch: dict | None =
         return pm, adamw_over([{"params": params}], 1e-4), params
 
     from diffprune import DiffModel, DiffPruningConfig
+    from diffprune.families import get_family, is_decoder_only
+
+    # what `diffprune train` diffs: a causal LM keeps its embeddings and LM head frozen (README,
+    # "Causal language models"); a classifier diffs every tensor but its head
+    selection = get_family("causal-lm").selection(model, [], None) if (
+        is_decoder_only(model.config) and hasattr(model, "get_output_embeddings")
+        and model.get_output_embeddings() is not None) else {}
+
+    def diff_config(**kw):
+        return DiffPruningConfig(**{**selection, **kw})
 
     if config == "l0":
-        dm = DiffModel(model, DiffPruningConfig())
+        dm = DiffModel(model, diff_config())
         groups = dm.param_groups(lr=lr, alpha_lr=0.1)
     elif config == "l0_structured":
-        dm = DiffModel(model, DiffPruningConfig(structured=True))
+        dm = DiffModel(model, diff_config(structured=True))
         groups = dm.param_groups(lr=lr, alpha_lr=0.1)
     elif config == "fixed":
-        dm = DiffModel(model, DiffPruningConfig())
+        dm = DiffModel(model, diff_config())
         # A realistic mask: projection of a diff spread over every tensor (a zero diff would keep
         # the first k positions of the first tensor). Magnitudes are random; values start there.
         g = torch.Generator().manual_seed(2)
@@ -264,7 +274,7 @@ def setup(config: str, model, adamw: str, lr: float = 2e-5, batch: dict | None =
         from diffprune.lean import OptimizerInBackward
 
         frac = CANDIDATE_FRACTION if config == "candidates" else None
-        dm = DiffModel(model, DiffPruningConfig(alpha_dtype="bf16", candidates=frac))
+        dm = DiffModel(model, diff_config(alpha_dtype="bf16", candidates=frac))
         dm.recompute_weights = True
         if frac is not None:  # the importance warm-up, part of setup but inside the measured peak
             scores = candidates.importance(dm, [batch] * CANDIDATE_WARMUP_STEPS)
