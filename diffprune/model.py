@@ -510,28 +510,32 @@ class DiffModel(nn.Module):
         t = self.config.target_sparsity if target_sparsity is None else target_sparsity
         DiffPruningConfig(target_sparsity=t)  # validates the range with the standard message
         k = budget(t, self.n_diffed)
-        # scores over each tensor's trainable entries: the whole tensor, or its candidates
-        deltas = {n: self._gated_w(n, gates.deterministic_gate).detach() for n in self.diff_names}
-        chosen = global_topk_positions({n: d.abs() for n, d in deltas.items()}, k, tiebreak=self._expected_magnitudes)
-        new_slots = nn.ModuleDict()
-        for name in self.diff_names:
-            sel = chosen[name]
-            slot = self._slot(name)
-            pos = slot.candidates[sel] if isinstance(slot, _CandidateSlot) else sel
-            new_slots[_slot_key(name)] = _FixedSlot(pos, deltas[name].reshape(-1)[sel].clone())
-        del deltas
+        # scores over each tensor's trainable entries (the whole tensor, or its candidates), computed one
+        # tensor at a time: no model-sized temporary (`projection`)
+        with torch.no_grad():
+            chosen = global_topk_positions(self.diff_names, lambda n: self._delta_for_projection(n).abs(), k,
+                                           tiebreak=self._expected_magnitude if self.config.use_gates else None)
+            new_slots = nn.ModuleDict()
+            for name in self.diff_names:
+                sel = chosen[name]
+                slot = self._slot(name)
+                pos = slot.candidates[sel] if isinstance(slot, _CandidateSlot) else sel
+                new_slots[_slot_key(name)] = _FixedSlot(pos, self._delta_for_projection(name).reshape(-1)[sel].clone())
         self.slots = new_slots
         self._stage = "fixed"
         self.config.target_sparsity = t
         return self
 
     @torch.no_grad()
-    def _expected_magnitudes(self) -> dict[str, torch.Tensor] | None:
+    def _delta_for_projection(self, name: str) -> torch.Tensor:
+        """The L0 stage's deterministic delta over a tensor's trainable entries (all, or its candidates)."""
+        return self._gated_w(name, gates.deterministic_gate).detach()
+
+    @torch.no_grad()
+    def _expected_magnitude(self, name: str) -> torch.Tensor:
         """|w| * P(gate open) per trainable entry: how projection fills the budget when the L0 stage left
         fewer nonzero entries than it keeps (its deterministic gates are then exactly 0 there)."""
-        if not self.config.use_gates:
-            return None
-        return {name: self._gated_w(name, gates.prob_nonzero).abs() for name in self.diff_names}
+        return self._gated_w(name, gates.prob_nonzero).abs()
 
     # ---- export -------------------------------------------------------------------------------
     def to_sparse_diff(self, extra: dict | None = None) -> SparseDiff:

@@ -1,57 +1,78 @@
-"""Projection onto the L0 ball: keep exactly k entries of the diff, globally, by magnitude."""
+"""Projection onto the L0 ball: keep exactly k entries of the diff, globally, by magnitude.
+
+Memory: one tensor at a time. The scores of a tensor are computed when needed (`score(name)`) and
+dropped; what is kept across tensors is each tensor's k largest scores (to find the global threshold)
+and the chosen positions, so the temporaries stay O(largest tensor + k x tensors), never O(n) for the
+whole model (at 0.47 B diffed entries, concatenating every score made a 17 GB peak)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
 from .errors import DiffPruneError
 
 
-def global_topk_positions(
-    scores: dict[str, torch.Tensor],
-    k: int,
-    tiebreak: Callable[[], dict[str, torch.Tensor] | None] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Flat positions (sorted, int64) of the k largest scores across all tensors.
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).float()
 
-    Ties at the threshold are broken by the scores `tiebreak()` returns (same names and shapes;
-    called only when there is a tie, since it may allocate a model-sized copy), largest first,
-    then by position in the concatenation of the tensors in the order given, lowest first, so
-    the result is deterministic and has exactly k entries. The tie that matters is at zero: when the
-    L0 stage leaves fewer than k nonzero entries, the rest of the budget is filled from entries
-    that are all exactly 0, and without a tiebreak they would be the first entries of the first
-    tensor (typically the embedding rows of padding and unused tokens).
-    """
-    names = list(scores)
-    flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
-    n = flat.numel()
+
+def global_topk_positions(
+    names: Iterable[str],
+    score: Callable[[str], torch.Tensor],
+    k: int,
+    tiebreak: Callable[[str], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Flat positions (sorted, int64) of the k largest scores across the tensors `names`.
+
+    `score(name)` gives a tensor's scores (called more than once: it should be cheap to recompute).
+    Ties at the threshold are broken by `tiebreak(name)`'s scores (same shape), largest first, then by
+    position in the concatenation of the tensors in the order given, lowest first, so the result is
+    deterministic and has exactly k entries. The tie that matters is at zero: when the L0 stage leaves
+    fewer than k nonzero entries, the rest of the budget is filled from entries that are all exactly 0,
+    and without a tiebreak they would be the first entries of the first tensor (typically the
+    embedding rows of padding and unused tokens)."""
+    names = list(names)
+    sizes, tops, threshold_device = {}, [], None
+    for name in names:
+        s = _flat(score(name))
+        if not torch.isfinite(s).all():
+            bad = [nm for nm in names if not torch.isfinite(score(nm)).all()]
+            raise DiffPruneError(
+                f"the diff has NaN or infinite entries in {bad[:5]}: training diverged; "
+                "lower the learning rate or check the loss"
+            )
+        sizes[name], threshold_device = s.numel(), s.device
+        if k > 0 and s.numel():
+            tops.append(torch.topk(s, min(k, s.numel()), sorted=False).values)
+    n = sum(sizes.values())
     if not 0 <= k <= n:
         raise ValueError(f"k={k} must be within [0, {n}]")
-    if not torch.isfinite(flat).all():
-        bad = [nm for nm in names if not torch.isfinite(scores[nm]).all()]
-        raise DiffPruneError(
-            f"the diff has NaN or infinite entries in {bad[:5]}: training diverged; "
-            "lower the learning rate or check the loss"
-        )
-    keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if k == 0:
+        return {name: torch.zeros(0, dtype=torch.long, device=threshold_device) for name in names}
     if k == n:
-        keep[:] = True
-    elif k > 0:
-        threshold = torch.topk(flat, k, sorted=False).values.min()
-        keep = flat > threshold
-        missing = k - int(keep.sum())
-        if missing > 0:
-            ties = torch.nonzero(flat == threshold).squeeze(1)
-            secondary = tiebreak() if tiebreak is not None else None
-            if secondary is not None:
-                secondary = torch.cat([secondary[nm].detach().reshape(-1).float() for nm in names])[ties]
-                ties = ties[torch.argsort(secondary, descending=True, stable=True)]
-            keep[ties[:missing]] = True
-    out, offset = {}, 0
-    for name in names:
-        size = scores[name].numel()
-        out[name] = torch.nonzero(keep[offset : offset + size]).squeeze(1)
-        offset += size
-    return out
+        return {name: torch.arange(sizes[name], dtype=torch.long, device=threshold_device) for name in names}
+    threshold = torch.topk(torch.cat(tops), k, sorted=False).values.min()
+    del tops
+    above = {name: torch.nonzero(_flat(score(name)) > threshold).squeeze(1) for name in names}
+    missing = k - sum(int(v.numel()) for v in above.values())
+    if missing > 0:  # fill from the entries equal to the threshold, best tiebreak first, then lowest position
+        ties, keys = [], []
+        for name in names:
+            at = torch.nonzero(_flat(score(name)) == threshold).squeeze(1)
+            ties.append((name, at))
+            if tiebreak is not None:
+                keys.append(_flat(tiebreak(name))[at])
+        owner = torch.cat([torch.full((len(at),), i, dtype=torch.long, device=at.device)
+                           for i, (_, at) in enumerate(ties)])
+        pos = torch.cat([at for _, at in ties])
+        order = torch.arange(len(pos), device=pos.device)
+        if tiebreak is not None:
+            order = torch.argsort(torch.cat(keys), descending=True, stable=True)
+        take = order[:missing]
+        for i, (name, _) in enumerate(ties):
+            extra = pos[take[owner[take] == i]]
+            if extra.numel():
+                above[name] = torch.sort(torch.cat([above[name], extra])).values
+    return above

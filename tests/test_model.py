@@ -350,3 +350,31 @@ def test_group_penalty_value_and_gradient(group_penalty, bert_batch):
 def test_unknown_group_penalty_is_refused():
     with pytest.raises(ConfigError, match="group_penalty='sum'.*expected_l0, per_gate"):
         DiffPruningConfig(structured=True, group_penalty="sum")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_projection_one_tensor_at_a_time_equals_a_global_sort(seed):
+    """global_topk_positions (scores computed per tensor, never concatenated) keeps exactly the k best
+    entries of a global order: score, then tiebreak, both descending, then position in the
+    concatenation - checked against a plain sort, with many ties (integer-valued scores, zeros)."""
+    from diffprune.projection import global_topk_positions
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a": (7, 5), "b": (13,), "c": (3, 4, 2), "d": (1,)}
+    scores = {n: torch.randint(0, 4, s, generator=g).float() for n, s in shapes.items()}
+    second = {n: torch.randint(0, 3, s, generator=g).float() for n, s in shapes.items()}
+    flat = torch.cat([scores[n].reshape(-1) for n in shapes])
+    flat2 = torch.cat([second[n].reshape(-1) for n in shapes])
+    n = flat.numel()
+    for k in (0, 1, 5, 17, n - 1, n):
+        for tb in (None, second):
+            order = sorted(range(n), key=lambda i: (-flat[i].item(), -(flat2[i].item() if tb else 0), i))
+            keep = set(order[:k])
+            got = global_topk_positions(shapes, lambda nm: scores[nm], k, tiebreak=(lambda nm: second[nm]) if tb else None)
+            offset, found = 0, set()
+            for nm, s in shapes.items():
+                pos = got[nm]
+                assert torch.equal(pos, torch.sort(pos).values) and pos.dtype == torch.long
+                found |= {offset + int(p) for p in pos}
+                offset += scores[nm].numel()
+            assert found == keep, (k, tb is not None)
