@@ -221,7 +221,7 @@ def test_cli_train_predict_serve_openai_round_trip(llama_run):
     from diffprune.serving.multitask import MultiTaskModel
     from diffprune.serving.server import create_app
 
-    from .test_serving_causal import live
+    from .serving_fixtures import live
 
     prompt = "question: is fire cold? answer:"
     _, expect, _ = cli("predict", llama_run, "--prompt", prompt, "--max-new-tokens", 6)

@@ -9,9 +9,6 @@ long run in benchmarks/results/reliability.md uses more).
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 
 import pytest
 
@@ -26,36 +23,19 @@ from diffprune import MultiTaskModel  # noqa: E402
 from diffprune.serving.server import create_app  # noqa: E402
 
 from .fuzz_report import append_report  # noqa: E402
-from .serving_fixtures import serving_env  # noqa: E402, F401
+from .serving_fixtures import live, serving_env  # noqa: E402, F401
 
 EXAMPLES = int(os.environ.get("DIFFPRUNE_FUZZ_EXAMPLES", "30"))
 SEEN = {"requests": 0, "statuses": {}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_server(serving_env):
-    import uvicorn
-
     runs = serving_env["runs"]
     model = MultiTaskModel.from_run_dirs({"sent": runs["sent"], "nli": runs["nli"], "sim": runs["sim"]})
     app = create_app(model, diff_root=str(serving_env["root"] / "runs"), batch_wait_ms=1)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=20)
+    with live(app, log_level="critical") as url:
+        yield url
 
 
 @pytest.fixture(scope="module", autouse=True)

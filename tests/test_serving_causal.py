@@ -9,12 +9,7 @@ A classifier base and a causal base are served side by side by one app (`TaskRou
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +28,7 @@ from diffprune.serving.multitask import TaskError, TaskTypeError  # noqa: E402
 from diffprune.serving.router import TaskRouter  # noqa: E402
 from diffprune.serving.server import create_app  # noqa: E402
 
-from .serving_fixtures import SINGLE_TEXTS, build_runs  # noqa: E402
+from .serving_fixtures import SINGLE_TEXTS, build_runs, live, serve_process  # noqa: E402
 from .tiny_models import save_tiny_causal  # noqa: E402
 
 MAX_LEN = 64  # the tasks' max_seq_length (prompt tokens)
@@ -117,28 +112,6 @@ class Reference:
 @pytest.fixture(scope="module")
 def ref(env):
     return Reference(env)
-
-
-@contextlib.contextmanager
-def live(app):
-    """`app` on a real uvicorn server on 127.0.0.1 (a free port), in a thread; yields the base URL."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 @pytest.fixture(scope="module")
@@ -451,27 +424,9 @@ def test_cli_refuses_an_ambiguous_base_model(env, capsys):
 
 
 def test_cli_serves_classifier_and_causal_runs_together(env, ref, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "server.log", "w+")
-    cmd = [sys.executable, "-m", "diffprune", "serve", str(env["classifier"]["runs"]["sent"]), str(env["runs"]["alpha"]),
-           f"second={env['runs']['beta']}", "--port", str(port), "--threads", "1", "--log-level", "warning",
-           "--max-new-tokens", "20"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, open(tmp_path / "server.log").read()
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+    args = [env["classifier"]["runs"]["sent"], env["runs"]["alpha"], f"second={env['runs']['beta']}", "--threads", "1",
+            "--log-level", "warning", "--max-new-tokens", "20"]
+    with serve_process(args, tmp_path / "server.log") as base:
         c = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
         assert [m.id for m in c.models.list().data] == ["sent", "alpha", "second"]
         r = c.completions.create(model="second", prompt=PROMPTS[1], max_tokens=NEW, temperature=0)
@@ -479,11 +434,3 @@ def test_cli_serves_classifier_and_causal_runs_together(env, ref, tmp_path):
         with pytest.raises(openai.BadRequestError, match="20"):
             c.completions.create(model="alpha", prompt="x", max_tokens=21)
         assert httpx.post(f"{base}/v1/tasks/sent/predict", json={"inputs": ["good"]}).status_code == 200
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
