@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .tasks import DataError, _decoded_lines, _where
+from .tasks import DataError, _decoded_lines, _where, json_objects
 
 FORMATS = ("prompt_completion", "messages", "text")
 ROLES = ("system", "user", "assistant")
@@ -92,16 +91,7 @@ def _raw_rows(path: Path, what: str):
         raise DataError(f"{what} {path} is a directory; give a .jsonl, .csv or .tsv file")
     kind = _kind(path)
     if kind == "jsonl":
-        for n, text in _decoded_lines(path):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{_where(path, n)}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{_where(path, n)}: each line must be a JSON object, got {type(row).__name__}")
-            yield n, row
+        yield from json_objects(path)
         return
     lines = list(_decoded_lines(path))
     reader = csv.reader(io.StringIO("\n".join(t for _, t in lines)), delimiter="\t" if kind == "tsv" else ",")

@@ -228,9 +228,9 @@ def _scan_delimited(path: Path, fmt: str, needed: list[str], hint: str) -> _Scan
     return _Scan(header, lines)
 
 
-def _scan_jsonl(path: Path, text_columns: list[str], label_column: str | None, hint: str) -> _Scan:
-    lines, labels, keys = [], [], None
-    label_kind = None
+def json_objects(path: Path):
+    """(line number, object) for each non-blank line of a JSON Lines file; a line that is not a JSON
+    object is a `DataError` naming it."""
     for n, text in _decoded_lines(path):
         if not text.strip():
             continue
@@ -240,6 +240,13 @@ def _scan_jsonl(path: Path, text_columns: list[str], label_column: str | None, h
             raise DataError(f"{_where(path, n)}: not valid JSON ({e.msg} at character {e.colno}); fix that line") from None
         if not isinstance(obj, dict):
             raise DataError(f"{_where(path, n)}: expected a JSON object per line, got {type(obj).__name__}")
+        yield n, obj
+
+
+def _scan_jsonl(path: Path, text_columns: list[str], label_column: str | None, hint: str) -> _Scan:
+    lines, labels, keys = [], [], None
+    label_kind = None
+    for n, obj in json_objects(path):
         if keys is None:
             keys = list(obj)
         for col in text_columns + ([label_column] if label_column else []):
