@@ -6,7 +6,8 @@
       diff_config.json      metadata in its ``extra`` (base_model, task, task_type, labels,
                             text_columns, max_seq_length, method)
       model/              method "full": an ordinary transformers checkpoint + tokenizer
-      adapter/            method "lora": the PEFT adapter (LoRA weights + task head)
+      adapter/            methods "lora", "shira": the PEFT adapter (its weights + task head; which method
+                            by adapter_config.json's peft_type)
       metrics.json        per-epoch and final validation metrics, nnz, stored bytes, times
       train_log.jsonl     one JSON object per logged step / evaluation / event
       README.md           the model card
@@ -110,11 +111,12 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def run_method(run_dir: Path) -> str:
-    """The name of the method that loads a run directory: its artefact's (diff / lora / full)."""
+    """The name of the method that loads a run directory: its artefact's (diff / lora / shira / full; every
+    diff method, bitfit included, loads as diff; an adapter by its PEFT type)."""
     run_dir = Path(run_dir)
     for artefact, name in _methods.ARTEFACTS.items():
         if (run_dir / name).exists():
-            return _methods.method_of_artefact(artefact).name
+            return _methods.method_of_artefact(artefact, run_dir).name
     if not run_dir.exists():
         raise RunError(f"{run_dir} does not exist; pass the --output-dir of a finished `diffprune train`")
     hint = " (training has not finished: resume it with --resume)" if (run_dir / CHECKPOINT_DIR).exists() else ""
@@ -257,8 +259,8 @@ def load_run_base(info: dict):
 def load_run(run_dir: str | Path, allow_base_mismatch: bool = False):
     """(model in eval mode, tokenizer, task_info) of a finished run.
 
-    Diff runs give a `DiffModel` over a fresh copy of the base, full runs the saved checkpoint, LoRA
-    runs a PEFT model; each takes tokenizer output and returns ``.logits``. `allow_base_mismatch` uses a
+    Diff runs (bitfit too) give a `DiffModel` over a fresh copy of the base, full runs the saved
+    checkpoint, LoRA and SHiRA runs a PEFT model; each takes tokenizer output and returns ``.logits``. `allow_base_mismatch` uses a
     diff on a base whose fingerprint differs (the CLI's ``--allow-base-mismatch``).
     """
     run_dir = Path(run_dir)

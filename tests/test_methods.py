@@ -11,9 +11,10 @@ from diffprune.training import DEFAULT_LR, TrainConfig
 
 
 def test_registry_is_the_one_list_of_methods():
-    assert list(METHODS) == ["diff", "structured", "magnitude", "full", "lora"]
-    assert runs.METHODS == tuple(METHODS) and runs.DIFF_METHODS == ("diff", "structured", "magnitude")
-    assert DEFAULT_LR == {"diff": 5e-4, "structured": 1e-4, "magnitude": 5e-5, "full": 5e-5, "lora": 1e-3}
+    assert list(METHODS) == ["diff", "structured", "magnitude", "full", "lora", "bitfit", "shira"]
+    assert runs.METHODS == tuple(METHODS) and runs.DIFF_METHODS == ("diff", "structured", "magnitude", "bitfit")
+    assert DEFAULT_LR == {"diff": 5e-4, "structured": 1e-4, "magnitude": 5e-5, "full": 5e-5, "lora": 1e-3,
+                          "bitfit": 1e-3, "shira": 1e-3}
     assert _METHOD_TEXT["structured"].startswith("structured diff pruning")
     assert [method_of_artefact(a).name for a in ARTEFACTS] == ["diff", "lora", "full"]
     with pytest.raises(ConfigError, match="--method 'adapters' is not one of diff, structured"):
@@ -22,9 +23,10 @@ def test_registry_is_the_one_list_of_methods():
 
 @pytest.mark.parametrize("name, phases", [("structured", [("l0", 3, 1e-4), ("fixed", 2, 5e-4)]),
                                           ("magnitude", [("l0", 3, 5e-5), ("fixed", 2, 5e-4)]),
-                                          ("full", [("train", 3, 5e-5)]), ("lora", [("train", 3, 1e-3)])])
+                                          ("full", [("train", 3, 5e-5)]), ("lora", [("train", 3, 1e-3)]),
+                                          ("bitfit", [("fixed", 3, 1e-3)]), ("shira", [("train", 3, 1e-3)])])
 def test_phases_per_method(name, phases):
     cfg = TrainConfig(output_dir="x", method=name, epochs=3, fixmask_epochs=2)
     got = [(p.name, p.epochs, p.lr) for p in get_method(name).phases(cfg)]
     assert got == phases
-    assert get_method(name).projects == (name in runs.DIFF_METHODS)
+    assert get_method(name).projects == (name in runs.DIFF_METHODS and name != "bitfit")
