@@ -62,6 +62,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--output-dir", required=True, help="run directory to write")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    g.add_argument("--stop-after", choices=("l0",), default=None,
+                   help="l0: stop when the L0 stage ends, keeping its checkpoint (for --from-l0; --resume goes on)")
+    g.add_argument("--from-l0", metavar="RUN_DIR", default=None,
+                   help="start from the L0 stage of a run stopped with --stop-after l0 and project it onto this "
+                        "run's --target-sparsity (budget sweeps train the L0 stage once; only --target-sparsity, "
+                        "--fixmask-epochs and --fixmask-lr may differ from that run's settings)")
     g = p.add_argument_group("hyperparameters")
     g.add_argument("--target-sparsity", type=float, default=d.target_sparsity,
                    help="fraction of parameters the diff keeps (default 0.005 = 0.5%%)")
@@ -145,14 +151,18 @@ def run(args) -> int:
         alpha_dtype=args.alpha_dtype, recompute_weights=args.recompute_weights, theta_dtype=args.theta_dtype,
         gradient_checkpointing=args.gradient_checkpointing, candidates=args.candidates,
         candidate_warmup_steps=args.candidate_warmup_steps, family=args.family, target_modules=args.target_modules,
-        generation_max_new_tokens=args.generation_max_new_tokens,
+        generation_max_new_tokens=args.generation_max_new_tokens, stop_after=args.stop_after, from_l0=args.from_l0,
     )
     metrics = train(cfg)
-    if metrics is not None:
+    if metrics is None:
+        return 0
+    if "stopped_after" in metrics:  # --stop-after l0: where the L0 state is
+        summary = dict(metrics)
+    else:
         summary = {k: metrics[k] for k in ("task", "method", "score", "final", "nnz", "stored_bytes", "train_seconds")}
         summary["output_dir"] = args.output_dir
-        import os
+    import os
 
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps(summary), file=sys.stdout)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary), file=sys.stdout)
     return 0

@@ -17,7 +17,7 @@ import torch
 from .. import runs
 from .._io import atomic_path, atomic_write_text
 from ..errors import TrainError
-from .config import RESUME_KEYS, UNRECORDED_SETTINGS, TrainConfig
+from .config import L0_FORK_FREE_KEYS, RESUME_KEYS, UNRECORDED_SETTINGS, TrainConfig
 from .distributed import barrier, is_main
 
 
@@ -163,21 +163,45 @@ def write_checkpoint(acc, run_dir: Path, model, optimizer, pos: Position, settin
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def read_checkpoint(path: Path, settings: dict, world: int) -> dict:
+def read_checkpoint(path: Path, settings: dict, world: int, keys=RESUME_KEYS, hint: str = "") -> dict:
+    """The checkpoint's state, refused when it was written with other `keys` settings or process count."""
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     # a key a checkpoint lacks was added later; the run used that key's default of the time
     defaults = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **UNRECORDED_SETTINGS}
-    saved = {k: state.get("settings", {}).get(k, defaults.get(k)) for k in RESUME_KEYS}
-    diffs = [k for k in RESUME_KEYS if saved.get(k) != settings.get(k)]
+    saved = {k: state.get("settings", {}).get(k, defaults.get(k)) for k in keys}
+    diffs = [k for k in keys if saved.get(k) != settings.get(k)]
     if diffs:
         k = diffs[0]
         raise TrainError(
             f"the checkpoint in {path.parent} was written with {k}={saved.get(k)!r}, now {k}={settings.get(k)!r}; "
-            "resume with the same settings, or start over with --overwrite"
+            + (hint or "resume with the same settings, or start over with --overwrite")
         )
     if state.get("world_size") != world:
         raise TrainError(
             f"the checkpoint was written by {state.get('world_size')} process(es), this run has {world}; "
-            "resume with the same number of processes"
+            + ("run with the same number of processes" if hint else "resume with the same number of processes")
         )
     return state
+
+
+def read_l0_checkpoint(run_dir: Path, settings: dict, world: int) -> tuple[Path, dict]:
+    """`--from-l0 RUN_DIR`: the checkpoint RUN_DIR holds at the end of its L0 stage, and its state.
+
+    Refused (before any model loads) when RUN_DIR has no checkpoint, when that checkpoint is not at the
+    end of the L0 stage, or when it was trained with other settings than this run's (all but
+    `L0_FORK_FREE_KEYS`, which shape only what follows the L0 stage)."""
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        done = " (it is a finished run: finished runs keep no checkpoint)" if (run_dir / runs.METRICS_FILE).exists() else ""
+        raise TrainError(f"--from-l0 {run_dir} holds no checkpoint{done}; train the L0 stage with "
+                         "--stop-after l0 --output-dir DIR, then start each budget with --from-l0 DIR")
+    keys = tuple(k for k in RESUME_KEYS if k not in L0_FORK_FREE_KEYS)
+    state = read_checkpoint(ckpt, settings, world, keys,
+                            hint="--from-l0 may change only " + ", ".join(L0_FORK_FREE_KEYS))
+    pos = state["position"]
+    if (pos["phase"], pos["epoch"], pos["step"]) != (1, 0, 0):
+        where = "still in the L0 stage" if pos["phase"] == 0 else "past the L0 stage"
+        raise TrainError(f"--from-l0 {run_dir}: its checkpoint is {where} (phase {pos['phase']}, epoch "
+                         f"{pos['epoch']}, step {pos['step']}); finish its L0 stage with --resume --stop-after l0")
+    return ckpt, state

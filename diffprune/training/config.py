@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from .. import lean
 from ..config import DiffPruningConfig
@@ -93,6 +94,13 @@ class TrainConfig:
     layers and norms of the blocks (embeddings and LM head frozen) for causal LMs (`families`)."""
     generation_max_new_tokens: int = 32
     """Causal LMs: the token limit of the greedy generations scored for exact match at validation."""
+    stop_after: str | None = None
+    """"l0": stop when the first stage of a diff method ends, keeping its checkpoint (``--resume``
+    continues the run, ``from_l0`` starts other runs from it)."""
+    from_l0: str | None = None
+    """A run directory stopped after its L0 stage (``stop_after="l0"``): this run starts from that state and
+    projects it onto its own ``target_sparsity``, then runs its own fixed-mask stage (a budget sweep trains
+    the L0 stage once). Every other setting that shapes the L0 stage must be the same (all of `RESUME_KEYS` but `L0_FORK_FREE_KEYS`)."""
 
     def resolved_lr(self) -> float:
         return float(self.lr) if self.lr is not None else DEFAULT_LR[self.method]
@@ -149,6 +157,20 @@ class TrainConfig:
             if isinstance(self.candidate_warmup_steps, bool) or not isinstance(self.candidate_warmup_steps, int) \
                     or self.candidate_warmup_steps < 1:
                 raise ConfigError(f"--candidate-warmup-steps {self.candidate_warmup_steps!r} must be an integer >= 1")
+        if self.stop_after not in (None, "l0"):
+            raise ConfigError(f"--stop-after {self.stop_after!r}: the one stage a run can stop after is l0")
+        for flag, used in (("--stop-after l0", self.stop_after), ("--from-l0", self.from_l0)):
+            if used is not None and not method.projects:
+                raise ConfigError(f"{flag} needs a method with an L0 (or dense) stage before projection "
+                                  f"({', '.join(n for n, m in METHODS.items() if m.projects)}); --method {self.method} has none")
+        if self.from_l0 is not None:
+            if self.stop_after is not None:
+                raise ConfigError("--from-l0 starts after an L0 stage and --stop-after l0 stops there: use one of them")
+            src = Path(self.from_l0)
+            if not src.is_dir():
+                raise ConfigError(f"--from-l0 {src}: no such run directory (train one with --stop-after l0)")
+            if src.resolve() == Path(self.output_dir).resolve():
+                raise ConfigError("--from-l0 names the output directory itself; to continue that run use --resume")
 
     def _memory_overrides(self) -> dict:
         return {k: getattr(self, k) for k in lean.STANDARD}
@@ -159,6 +181,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Settings a run started with --from-l0 may change: they shape only what comes after the L0 stage.
+L0_FORK_FREE_KEYS = ("target_sparsity", "fixmask_epochs", "fixmask_lr")
 
 
 # Settings that must be the same to resume a run (the rest - progress, save_steps... - may change).

@@ -142,6 +142,32 @@ def _open_run_dir(acc, out: Path, ckpt, ckpt_state, wl: Workload, model, task_in
     return pos
 
 
+def _start_from_l0(acc, out: Path, model, src: Path, state: dict) -> Position:
+    """--from-l0: the other run's L0 state and position (its L0 epochs, steps and time count as this run's)."""
+    trainable, _ = checkpoints.load_safetensors(src / "trainable.safetensors")
+    checkpoints.load_trainable(model, trainable)
+    pos = Position(**state["position"])
+    if is_main(acc):
+        log_event(out / runs.LOG_FILE, {"event": "from_l0", "time": time.time(), "run": str(src.parent.parent.resolve()),
+                                        "checkpoint": src.name, "global_step": pos.global_step})
+    barrier(acc)
+    return pos
+
+
+def _stop_after_l0(acc, out: Path, trainer) -> dict:
+    """--stop-after l0: the run ends at its L0 checkpoint (written at the last L0 epoch's end)."""
+    ckpt = checkpoints.latest_checkpoint(out)
+    score = trainer.pos.epoch_records[-1]["score"] if trainer.pos.epoch_records else None
+    trainer.log({"event": "stop", "after": "l0", "time": time.time(), "checkpoint": ckpt.name if ckpt else None})
+    trainer.say(f"stopped after the L0 stage (--stop-after l0); its state is kept in {out / runs.CHECKPOINT_DIR}: "
+                f"--from-l0 {out} starts a run on any budget from it, --resume continues this one")
+    barrier(acc)
+    acc.end_training()
+    return {"stopped_after": "l0", "output_dir": str(out), "checkpoint": str(ckpt) if ckpt else None,
+            "l0_score": score, "density": trainer.pos.epoch_records[-1].get("density") if score is not None else None,
+            "train_seconds": round(trainer.pos.train_seconds, 3)}
+
+
 def _seed_processes(cfg: TrainConfig, rank: int, ckpt) -> None:
     """Each process draws its own dropout / gate noise from here on (the model init is shared); a
     resumed run continues every process's stream where the checkpoint left it."""
@@ -210,6 +236,9 @@ class _Trainer:
         model, pos = self.model, self.pos
         model.project()
         nnz = model.nnz()
+        if not self.method.projects:  # bitfit: it keeps every entry it trains; nothing to score here
+            self.log({"event": "project", "nnz": nnz, "n_diffed": model.n_diffed, "target_sparsity": 1.0})
+            return
         pos.after_projection = {"nnz": nnz, "metrics": self.timed_eval()}
         pos.after_projection["score"] = self.wl.family.score(self.wl.spec, pos.after_projection["metrics"])
         self.log({"event": "project", "nnz": nnz, "n_diffed": model.n_diffed,
@@ -337,6 +366,9 @@ def train(cfg: TrainConfig) -> dict:
     settings = _settings(cfg, base_model, family)
     # a checkpoint written with other settings is refused before the model loads
     ckpt_state = checkpoints.read_checkpoint(ckpt, settings, world) if ckpt is not None else None
+    # --from-l0: another run's L0 state, refused here when it cannot be this run's first stage
+    fork = checkpoints.read_l0_checkpoint(Path(cfg.from_l0), settings, world) \
+        if ckpt is None and cfg.from_l0 is not None else None
     if ckpt is None and cfg.resume and show:
         print(f"--resume: {out} has no checkpoint yet (the run stopped before its first one); "
               "starting from the beginning", file=sys.stderr)
@@ -350,7 +382,9 @@ def train(cfg: TrainConfig) -> dict:
 
     # 2. the output directory: fresh, or resumed from the checkpoint
     pos = _open_run_dir(acc, out, ckpt, ckpt_state, wl, model, task_info, settings, missing)
-    _seed_processes(cfg, rank, ckpt)
+    if fork is not None:
+        pos = _start_from_l0(acc, out, model, *fork)
+    _seed_processes(cfg, rank, ckpt if ckpt is not None else (fork[0] if fork else None))
     clock = RunClock(phases, steps_per_epoch, pos, method.projects)
     if show:
         print(f"training: {clock.describe(phases, steps_per_epoch)}; the bars show the whole run's ETA as 'run ETA'",
@@ -365,6 +399,8 @@ def train(cfg: TrainConfig) -> dict:
         if pi < pos.phase:
             continue
         if phase.name == "fixed" and model.stage == "l0":
+            if cfg.stop_after == "l0":
+                return _stop_after_l0(acc, out, trainer)
             trainer.project()
         if phase.epochs:
             trainer.run_phase(pi, phase, ckpt)
