@@ -1,0 +1,62 @@
+"""benchmarks/pareto.py end to end on a tiny random BERT and 32 RTE examples: the learning-rate search,
+one first stage per learning rate feeding every budget, every stored form scored, the report and plot."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from .helpers_cli import glue, one_thread, tiny_base  # noqa: F401
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_pareto_grid_on_a_tiny_model(tmp_path, tiny_base, glue):
+    import pareto
+
+    work, results = tmp_path / "work", tmp_path / "results"
+    rc = pareto.main(["--tasks", "rte", "--methods", "structured", "lora", "bitfit", "--model", str(tiny_base),
+                      "--data-dir", str(glue), "--train-samples", "32", "--epochs", "1", "--no-progress",
+                      "--no-extra-seeds", "--work-dir", str(work), "--results-dir", str(results)])
+    assert rc == 0
+    records = json.loads((results / "pareto.json").read_text())["records"]
+    by = {(r["method"], r["size"], r["lr"], r["value_dtype"]): r for r in records}
+    # the search: both learning rates at the reference point, the other sizes at the better one only
+    for method in ("structured", "lora", "bitfit"):
+        ref = pareto.REFERENCE[method]
+        scores = {lr: by[(method, ref, lr, "fp32")]["score"] for lr in pareto.LRS[method]}
+        chosen = max(sorted(scores), key=lambda lr: scores[lr])
+        for size in pareto.SIZES[method]:
+            for lr in pareto.LRS[method]:
+                assert ((method, size, lr, "fp32") in by) == (size == ref or lr == chosen), (method, size, lr)
+            for dtype in pareto.VALUE_DTYPES[method]:
+                assert (method, size, chosen, dtype) in by
+    # one first stage per learning rate, stopped after L0, and every budget forked from it
+    l0_dirs = sorted(p.name for p in work.glob("rte-structured-l0-*"))
+    assert l0_dirs == [f"rte-structured-l0-lr{lr:g}-s0" for lr in sorted(pareto.LRS["structured"])]
+    lr = next(r["lr"] for r in records if r["method"] == "structured" and r["size"] == 0.0005)
+    for size in pareto.BUDGETS:
+        r = by[("structured", size, lr, "fp32")]
+        assert r["settings"]["from_l0"] == str(work / f"rte-structured-l0-lr{lr:g}-s0")
+        assert r["nnz"] == round(size * json.loads((work / r["run"] / "metrics.json").read_text())["n_diffed"])
+        # smaller stored forms; int8 below bf16 below fp32 on the same diff
+        assert by[("structured", size, lr, "int8")]["stored_bytes"] < by[("structured", size, lr, "bf16")][
+            "stored_bytes"] < r["stored_bytes"]
+    lora = by[("lora", 8, next(r["lr"] for r in records if r["method"] == "lora" and r["size"] == 1), "bf16")]
+    assert lora["stored_bytes"] < by[("lora", 8, lora["lr"], "fp32")]["stored_bytes"]
+    # a re-scored form is what `diffprune eval` says about that directory
+    form = work / f"{lora['run']}@bf16"
+    assert pareto.evaluate(form, type("A", (), {"data_dir": str(glue)}))["score"] == pytest.approx(lora["score"])
+    text = (results / "pareto.md").read_text()
+    assert "Tasks with every point: rte" in text and "## Learning-rate search" in text
+    assert "| LoRA (q,v) | r=8 | bf16 |" in text and "Structured against LoRA" in text
+    assert (results / "pareto.png").stat().st_size > 10_000
+    # finished points are not trained again; another protocol in the same work dir is refused
+    assert pareto.main(["--tasks", "rte", "--methods", "lora", "--model", str(tiny_base), "--data-dir", str(glue),
+                        "--train-samples", "32", "--epochs", "1", "--no-progress", "--no-extra-seeds",
+                        "--work-dir", str(work), "--results-dir", str(results)]) == 0
+    with pytest.raises(SystemExit, match="use another --work-dir"):
+        pareto.main(["--tasks", "rte", "--methods", "lora", "--model", str(tiny_base), "--data-dir", str(glue),
+                     "--train-samples", "16", "--epochs", "1", "--no-progress", "--no-extra-seeds",
+                     "--work-dir", str(work), "--results-dir", str(results)])
