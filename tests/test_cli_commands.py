@@ -23,7 +23,7 @@ def rte_run(tmp_path_factory, tiny_base, glue):
 
 def test_train_prints_summary_and_writes_the_run(rte_run):
     out, summary = rte_run
-    assert summary["task"] == "rte" and summary["method"] == "diff"
+    assert summary["task"] == "rte" and summary["method"] == "structured"  # the default method
     diff = SparseDiff.load(out)
     assert summary["nnz"] == diff.nnz == round(0.02 * diff.n_diffed)
     for name in ("diff.safetensors", "diff_config.json", "metrics.json", "train_log.jsonl", "README.md", "run.json"):

@@ -17,8 +17,10 @@ parameters) on top of the frozen model, and write it with the metrics and a mode
   accelerate launch --multi_gpu --num_processes 2 -m diffprune train ...  (the same; on CPU too:
                           "--cpu --num_processes 2" would start only one process)
 
-Methods: diff (default), structured (per-tensor group gates), magnitude (non-adaptive baseline),
-full (plain finetuning) and lora (PEFT LoRA r=8 on query/value), for comparison.
+Methods: structured (default: diff pruning with per-tensor group gates), diff (unstructured),
+magnitude (non-adaptive baseline), and for comparison full (plain finetuning), lora (PEFT LoRA r=8
+on query/value), shira (PEFT SHiRA, r sized to --target-sparsity) and bitfit (biases + head).
+Budget sweeps: --stop-after l0 once, then --from-l0 RUN --target-sparsity T per budget.
 """
 
 
@@ -51,7 +53,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--max-eval-samples", type=int, help="use only the first N validation examples")
     g = p.add_argument_group("model and method")
     g.add_argument("--model", help="Hugging Face model id or folder (default: the packaged all-MiniLM-L6-v2)")
-    g.add_argument("--method", choices=METHODS, default=d.method, help="default: diff")
+    g.add_argument("--method", choices=METHODS, default=d.method, help="default: structured")
     g.add_argument("--family", choices=("classifier", "causal-lm"), default=None,
                    help="model family (default: causal-lm when --train-file holds prompt/completion, messages or "
                         "text rows, else classifier)")

@@ -7,11 +7,16 @@ Methods (``TrainConfig.method``):
 
 * ``diff``       L0 stage (hard-concrete gates, lambda * E[||delta||_0]) for `epochs`, projection onto
                  exactly round(t * n) nonzeros, then fixed-mask finetuning for `fixmask_epochs`.
-* ``structured`` the same with one extra gate per parameter tensor.
+* ``structured`` the same with one extra gate per parameter tensor (the default).
 * ``magnitude``  the paper's non-adaptive baseline: a dense diff with no gates (= full finetuning) for
                  `epochs`, keep the top t of |theta_ft - theta_pre|, then fixed-mask finetuning.
 * ``full``       plain finetuning of every parameter (saves a transformers checkpoint).
 * ``lora``       PEFT LoRA r=8, alpha=16 on the attention query and value projections, head trained.
+* ``shira``      PEFT SHiRA: a fixed random sparse mask on LoRA's targets, r sized to `target_sparsity`.
+* ``bitfit``     only the bias terms and the head train (stored as a diff of the biases).
+
+``stop_after="l0"`` ends a diff-method run at its L0 checkpoint; ``from_l0=RUN_DIR`` starts a run from
+it, projected onto its own budget (a budget sweep trains the L0 stage once).
 
 How each method builds, trains, saves and loads is its class in `diffprune.methods` (the registry);
 how each model family (classifier, causal LM) loads its data and base, batches and scores is its
