@@ -101,8 +101,15 @@ def train_config(p: Point, args, out: Path, **kw):
     settings.update(kw)
     return TrainConfig(output_dir=str(out), task=p.task, data_dir=args.data_dir, model=args.model, method=p.method,
                        lr=p.lr, seed=p.seed,
-                       max_train_samples=args.train_samples, progress=not args.no_progress, save_steps=0,
+                       max_train_samples=samples_of(p.task, args), progress=not args.no_progress, save_steps=0,
                        **settings)
+
+
+def samples_of(task: str, args) -> int | None:
+    """The training subset of `task`: --train-samples, or --sst2-train-samples for SST-2 (None = all)."""
+    if task == "sst2" and args.sst2_train_samples is not None:
+        return args.sst2_train_samples or None
+    return args.train_samples
 
 
 # ---- one point --------------------------------------------------------------------------------------
@@ -136,9 +143,9 @@ def run_point(p: Point, args) -> list[dict] | None:
     record_path = out / "pareto_records.json"
     if record_path.exists():
         records = json.loads(record_path.read_text())
-        if records[0]["train_samples"] != args.train_samples:
+        if records[0]["train_samples"] != samples_of(p.task, args):
             raise SystemExit(f"{out} was trained on {records[0]['train_samples'] or 'all'} examples, not "
-                             f"{args.train_samples or 'all'}: use another --work-dir for another protocol")
+                             f"{samples_of(p.task, args) or 'all'}: use another --work-dir for another protocol")
         return records
     l0 = None
     if p.staged:
@@ -171,7 +178,7 @@ def score_forms(p: Point, out: Path, metrics: dict, args) -> list[dict]:
     base = {
         "task": p.task, "method": p.method, "size": p.size, "lr": p.lr, "seed": p.seed, "nnz": metrics["nnz"],
         "task_parameters": metrics["task_parameters"], "model": metrics["base_model"],
-        "train_seconds": metrics["train_seconds"], "train_samples": args.train_samples,
+        "train_seconds": metrics["train_seconds"], "train_samples": samples_of(p.task, args),
         "first_stage": _first_stage(metrics), "settings": metrics["settings"], "run": p.name,
         "command": _env.command(), "machine": _env.machine(), "versions": _env.versions(), "date": _env.now(),
     }
@@ -356,7 +363,7 @@ def write_report(records: list[dict], args) -> str:
         "",
         f"GLUE validation scores (per-task mean of its metrics x 100) of all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M "
         f"parameters, tuned for sentence embeddings), seed 0, against the bytes each task's file takes. Training data: "
-        f"{'the first ' + format(args.train_samples, ',') + ' examples of every task' if args.train_samples else 'full training sets'}"
+        f"{_protocol(records)}"
         f" (the same subset for every method); full validation sets. Settings: {COMMON}.",
         "",
         f"Tasks with every point: {', '.join(complete) or 'none yet'}"
@@ -427,6 +434,15 @@ def write_report(records: list[dict], args) -> str:
          "records": records}, indent=1) + "\n")
     plot(rows, records, complete or present, out_dir / "pareto.png")
     return text
+
+
+def _protocol(records: list[dict]) -> str:
+    sizes = {}
+    for r in records:
+        sizes.setdefault(r["train_samples"], set()).add(r["task"])
+    parts = [f"{'the first ' + format(n, ',') + ' examples' if n else 'the full training set'} of "
+             f"{', '.join(sorted(t))}" for n, t in sorted(sizes.items(), key=lambda kv: kv[0] or 1e12)]
+    return "; ".join(parts) or "none yet"
 
 
 def _lr_of(rows, method, size, task):
@@ -516,6 +532,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "glue"))
     p.add_argument("--train-samples", type=int, default=500,
                    help="the first N training examples of every task, for every method (0 = full training sets)")
+    p.add_argument("--sst2-train-samples", type=int, default=None,
+                   help="SST-2's subset instead of --train-samples (0 = all 67k; the GPU script uses 8000)")
     p.add_argument("--model", default=None, help="HF model id or folder (default: the packaged MiniLM-L6)")
     p.add_argument("--epochs", type=int, default=None, help="epochs of each stage (default 3 + 3 fixed-mask)")
     p.add_argument("--no-extra-seeds", dest="extra_seeds", action="store_false",
