@@ -32,7 +32,7 @@ batch are loaded) over the resident size at that point; CUDA, ``torch.cuda.max_m
 minus what was allocated after loading. So it counts everything training adds to a loaded model:
 gradients, optimiser state, diff state, activations, temporaries.
 
-    python benchmarks/train_cost.py --quick                  # < 1 min on a 2-core CPU (full, l0, fixed, lora_all32)
+    python benchmarks/train_cost.py --quick                  # 56 s on the idle 2-core CPU (6 configurations)
     python benchmarks/train_cost.py --model minilm --batch 32 --seq-len 128 --write
     python benchmarks/train_cost.py --model bert-base --batch 32 --seq-len 128 --write
     python benchmarks/train_cost.py --model llama-1b --batch 8 --seq-len 512 --configs full lora_all32 fixed
@@ -458,6 +458,68 @@ def profile_main(args) -> None:
 # ------------------------------------------------------------------------------------------------
 # parent side
 # ------------------------------------------------------------------------------------------------
+class _Forked:
+    """A forked worker process with the `subprocess.Popen` surface `Worker` uses (stdin, stdout, wait)."""
+
+    def __init__(self, config: str, args, env: dict):
+        import copy
+
+        cmd_r, cmd_w = os.pipe()
+        out_r, out_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker: the imports are the parent's, already done
+            code = 0
+            try:
+                os.dup2(cmd_r, 0)
+                os.dup2(out_w, 1)
+                if not args.verbose:
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, 2)
+                for fd in (cmd_r, cmd_w, out_r, out_w):
+                    os.close(fd)
+                os.environ.update(env)
+                sys.stdin = os.fdopen(0, "r")
+                wargs = copy.copy(args)
+                wargs.worker = config
+                worker_main(wargs)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(cmd_r)
+        os.close(out_w)
+        self.pid = pid
+        self.stdin = os.fdopen(cmd_w, "w")
+        self.stdout = os.fdopen(out_r, "r")
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.time() + timeout
+        while True:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                return status
+            if deadline is not None and time.time() > deadline:
+                raise TimeoutError(f"worker {self.pid} did not exit")
+            time.sleep(0.05)
+
+
+def _preload_for_fork() -> None:
+    """Import what every worker needs once, in the parent, so that forked workers start at once
+    (a fresh interpreter spends ~12 s of CPU importing torch, transformers and peft; --quick starts six)."""
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    from diffprune import lean, model  # noqa: F401
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        pass
+
+
 class Worker:
     def __init__(self, config: str, args):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--model", args.model,
@@ -466,8 +528,12 @@ class Worker:
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                    TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(args.threads))
         self.config = config
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                                     stderr=None if args.verbose else subprocess.DEVNULL)
+        if getattr(args, "fork", False):
+            self.proc = _Forked(config, args, {k: env[k] for k in ("TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE",
+                                                                    "TRANSFORMERS_VERBOSITY", "OMP_NUM_THREADS")})
+        else:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                         stderr=None if args.verbose else subprocess.DEVNULL)
         self._info = None
 
     @property
@@ -482,10 +548,13 @@ class Worker:
             raise RuntimeError(f"worker {self.config} died (rerun with --verbose to see its stderr)")
         return json.loads(line)
 
-    def ask(self, cmd: str) -> dict:
+    def send(self, cmd: str) -> None:
         self.info
         self.proc.stdin.write(cmd + "\n")
         self.proc.stdin.flush()
+
+    def ask(self, cmd: str) -> dict:
+        self.send(cmd)
         return self._read()
 
     def close(self) -> None:
@@ -501,17 +570,25 @@ def measure(args) -> dict:
     configs = [c for c in args.configs if c != "full"]
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.json_only else (lambda *a: None)
     t_start = time.time()
+    if getattr(args, "fork", False):
+        _preload_for_fork()
     ref = Worker("full", args)
     # --parallel-start (implied by --quick): every worker loads its model at once, so the start-up
     # overlaps; all of them are then alive together (memory: the sum of all configurations).
     started = {cfg: Worker(cfg, args) for cfg in configs} if args.parallel_start else {}
-    ref.ask(f"steps {args.warmup}")
+    # warm-up steps are not measured: with every worker started, they all warm up at once
+    for w in (ref, *started.values()):
+        w.send(f"steps {args.warmup}")
+    for w in (ref, *started.values()):
+        w._read()
     ref_times: list[float] = []
     ref_cpu: list[float] = []
     results = {"full": {"trainable": ref.info["trainable"]}}
     for cfg in configs:
-        w = started.get(cfg) or Worker(cfg, args)
-        w.ask(f"steps {args.warmup}")
+        w = started.get(cfg)
+        if w is None:
+            w = Worker(cfg, args)
+            w.ask(f"steps {args.warmup}")
         times, ratios, ref_round, cpu, cpu_ref, cpu_ratios = [], [], [], [], [], []
         for r in range(args.rounds):
             # alternate which side goes first so a load change within a round does not favour one
@@ -598,6 +675,10 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="small batch and sequence, few steps: < 1 min on CPU")
     p.add_argument("--parallel-start", action="store_true",
                    help="start every worker at once (faster; needs memory for all configurations together)")
+    p.add_argument("--fork", action=argparse.BooleanOptionalAction, default=None,
+                   help="start workers by forking this process after importing torch/transformers once "
+                        "(default: on for --quick on the CPU; each worker's peak still counts from its own "
+                        "loaded model)")
     p.add_argument("--json-only", action="store_true")
     p.add_argument("--verbose", action="store_true", help="show the workers' stderr")
     p.add_argument("--out", default=None, help="also write the JSON summary here")
@@ -612,8 +693,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.seq_len = min(args.batch, 8), min(args.seq_len, 64)
-        args.warmup, args.steps, args.rounds = 1, 1, 3
+        args.warmup, args.steps, args.rounds = 1, 1, 2
         args.parallel_start = True
+        if args.fork is None:
+            args.fork = args.device == "cpu"
         if args.configs is None:
             args.configs = list(QUICK_CONFIGS)
     if args.configs is None:
