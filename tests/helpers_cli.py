@@ -83,3 +83,17 @@ def fast_args(base: Path, out: Path, *extra) -> list:
     """Common arguments of a quick training run on the tiny base."""
     return ["train", "--model", base, "--output-dir", out, "--batch-size", 16, "--max-seq-length", 48,
             "--no-progress", *extra]
+
+
+def assert_same_diff(a_dir: Path, b_dir: Path, exact: bool = True) -> None:
+    """Two run directories hold the same diff: positions equal, values (and head) equal or close."""
+    from diffprune import SparseDiff
+
+    a, b = SparseDiff.load(a_dir), SparseDiff.load(b_dir)
+    assert a.nnz == b.nnz and set(a.indices) == set(b.indices)
+    check = torch.equal if exact else (lambda x, y: torch.testing.assert_close(x, y) is None)
+    for name in a.indices:
+        assert torch.equal(a.indices[name], b.indices[name]), name
+        assert check(a.values[name], b.values[name]), name
+    for name, t in a.head.items():
+        assert check(t, b.head[name]), name

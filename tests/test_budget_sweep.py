@@ -5,13 +5,12 @@ setting that shapes the L0 stage must be refused when it differs."""
 import json
 
 import pytest
-import torch
 
 from diffprune import SparseDiff
 from diffprune.errors import ConfigError
 from diffprune.training import TrainConfig, TrainError, train
 
-from .helpers_cli import cli, glue, one_thread, tiny_base  # noqa: F401
+from .helpers_cli import assert_same_diff, cli, glue, one_thread, tiny_base  # noqa: F401
 
 FAST = dict(max_train_samples=48, max_eval_samples=24, epochs=2, fixmask_epochs=1, batch_size=16, max_seq_length=32,
             progress=False, save_steps=0, task="rte")
@@ -20,16 +19,6 @@ FAST = dict(max_train_samples=48, max_eval_samples=24, epochs=2, fixmask_epochs=
 def _cfg(tmp_path, base, glue_dir, name, **kw):
     return TrainConfig(**{**FAST, "output_dir": str(tmp_path / name), "data_dir": str(glue_dir), "model": str(base),
                           **kw})
-
-
-def _same_diff(a, b) -> None:
-    da, db = SparseDiff.load(a), SparseDiff.load(b)
-    assert da.nnz == db.nnz and set(da.indices) == set(db.indices)
-    for name in da.indices:
-        assert torch.equal(da.indices[name], db.indices[name]), name
-        assert torch.equal(da.values[name], db.values[name]), name
-    for name, t in da.head.items():
-        assert torch.equal(t, db.head[name]), name
 
 
 @pytest.mark.parametrize("method", ["structured", "magnitude"])
@@ -48,7 +37,7 @@ def test_from_l0_equals_the_straight_run_at_every_budget(method, tmp_path, tiny_
         assert forked["nnz"] == straight["nnz"] == round(t * straight["n_diffed"])
         assert forked["final"] == straight["final"] and forked["epochs"] == straight["epochs"]
         assert forked["after_projection"] == straight["after_projection"]
-        _same_diff(tmp_path / f"straight-{t}", tmp_path / f"fork-{t}")
+        assert_same_diff(tmp_path / f"straight-{t}", tmp_path / f"fork-{t}")
         assert forked["settings"]["from_l0"] == str(l0_dir)
         events = [json.loads(x)["event"] for x in (tmp_path / f"fork-{t}" / "train_log.jsonl").read_text().splitlines()
                   if "event" in json.loads(x)]
@@ -57,7 +46,7 @@ def test_from_l0_equals_the_straight_run_at_every_budget(method, tmp_path, tiny_
     straight = train(_cfg(tmp_path, tiny_base, glue, "straight-0.005", method=method))
     done = train(_cfg(tmp_path, tiny_base, glue, "l0", method=method, resume=True))
     assert done["final"] == straight["final"] and not (l0_dir / "checkpoint").exists()
-    _same_diff(l0_dir, tmp_path / "straight-0.005")
+    assert_same_diff(l0_dir, tmp_path / "straight-0.005")
 
 
 def test_from_l0_refuses_what_would_change_the_l0_stage(tmp_path, tiny_base, glue):

@@ -12,7 +12,7 @@ from diffprune.methods import BitFitMethod, ShiraMethod, get_method, method_of_a
 from diffprune.runs import load_run, load_run_base, read_task_info, run_method
 from diffprune.training import TrainConfig, train
 
-from .helpers_cli import cli, fast_args, glue, one_thread, tiny_base  # noqa: F401
+from .helpers_cli import assert_same_diff, cli, fast_args, glue, one_thread, tiny_base  # noqa: F401
 from .tiny_models import tiny_bert
 
 FAST = dict(max_train_samples=32, max_eval_samples=16, epochs=2, batch_size=16, max_seq_length=32, progress=False,
@@ -256,9 +256,6 @@ def test_bitfit_resumes_from_a_checkpoint(tmp_path, tiny_base, glue, monkeypatch
         train(_cfg(tmp_path, tiny_base, glue, "res", resume=True, target_sparsity=0.5, **kw))
     res = train(_cfg(tmp_path, tiny_base, glue, "res", resume=True, **kw))
     assert res["nnz"] == ref["nnz"] and res["steps"] == ref["steps"] and res["final"] == ref["final"]
-    a, b = SparseDiff.load(tmp_path / "ref"), SparseDiff.load(tmp_path / "res")
-    for name in a.indices:
-        assert torch.equal(a.indices[name], b.indices[name])
-        torch.testing.assert_close(a.values[name], b.values[name])
+    assert_same_diff(tmp_path / "ref", tmp_path / "res", exact=False)
     log = [json.loads(x) for x in (tmp_path / "res" / "train_log.jsonl").read_text().splitlines()]
     assert sum(r.get("event") == "project" for r in log) == 1 and any(r.get("event") == "resume" for r in log)
