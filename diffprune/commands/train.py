@@ -72,7 +72,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "--fixmask-epochs and --fixmask-lr may differ from that run's settings)")
     g = p.add_argument_group("hyperparameters")
     g.add_argument("--target-sparsity", type=float, default=d.target_sparsity,
-                   help="fraction of parameters the diff keeps (default 0.005 = 0.5%%)")
+                   help="fraction of parameters the diff keeps (default 0.005 = 0.5%%; shira: its r is sized to "
+                        "match it; bitfit keeps every bias entry)")
     g.add_argument("--l0-lambda", type=float, default=d.l0_lambda, help="L0 penalty weight (default 1.25e-7)")
     g.add_argument("--group-penalty", choices=GROUP_PENALTIES, default=d.group_penalty,
                    help="structured: per_gate (default; the paper's reference code, each gate counted once: "
