@@ -269,31 +269,36 @@ def jobs(task: str, method: str, work: Path, extra_seeds: bool) -> tuple[list[Po
 
 
 def run_grid(args) -> list:
+    """Run the grid; after every finished point the scan restarts from the first task, so the points
+    of the earlier tasks (their other sizes, once the learning-rate search is done) come first and
+    tasks complete one after the other."""
     work = Path(args.work_dir)
-    failures = []
-    written = -1
+    failures: list[str] = []
     while True:
-        waiting = False
-        for task in args.tasks:
-            for method in args.methods:
-                points, more = jobs(task, method, work, args.extra_seeds)
-                for p in points:
-                    if p.name in failures:
+        ran, waiting = False, False
+        for task, method in ((t, m) for t in args.tasks for m in args.methods):
+            points, more = jobs(task, method, work, args.extra_seeds)
+            for p in points:
+                if p.name in failures or (work / p.name / "pareto_records.json").exists():
+                    continue
+                try:
+                    if run_point(p, args) is None:  # another instance has it (or its first stage)
+                        waiting = True
                         continue
-                    try:
-                        if run_point(p, args) is None:
-                            waiting = True
-                    except Exception:  # one failed point must not lose the rest of the grid
-                        failures.append(p.name)
-                        traceback.print_exc()
-                waiting |= more and not any(p.name in failures for p in points)
-                records = collect(work)
-                if len(records) != written:  # something finished: the tables and plot follow the grid
-                    write_report(records, args)
-                    written = len(records)
+                except Exception:  # one failed point must not lose the rest of the grid
+                    failures.append(p.name)
+                    traceback.print_exc()
+                ran = True
+                break
+            if ran:
+                break
+            waiting |= more and not any(p.name in failures for p in points)
+        if ran:
+            write_report(collect(work), args)  # the tables and plot follow the grid
+            continue
         if not waiting:
             return failures
-        time.sleep(20)  # another instance holds a run this one needs: wait for it
+        time.sleep(20)  # another instance holds what is left: wait for it
 
 
 def collect(work: Path) -> list[dict]:
