@@ -196,7 +196,7 @@ def test_shira_trains_saves_and_reloads_as_shira(tmp_path, tiny_base, glue, monk
     assert not any("lora_" in n for n, _ in model.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(model(**enc).logits, seen["logits"], rtol=0, atol=1e-6)
-    # the same random mask came back (regenerated from the recorded seed), with the trained values
+    # the same random mask came back (PEFT stores its indices in the adapter file), with the trained values
     trained = {n: p for n, p in seen["model"].named_parameters() if "shira_weight" in n}
     loaded = dict(model.named_parameters())
     for n, p in trained.items():
