@@ -135,18 +135,28 @@ def ensure_l0(p: Point, args) -> Path | None:
     return out
 
 
+def finished(p: Point, args) -> list[dict] | None:
+    """The records of a finished point (None if not finished); a point trained on another subset than
+    this run's is refused: one work dir holds one protocol."""
+    path = Path(args.work_dir) / p.name / "pareto_records.json"
+    if not path.exists():
+        return None
+    records = json.loads(path.read_text())
+    if records[0]["train_samples"] != samples_of(p.task, args):
+        raise SystemExit(f"{path.parent} was trained on {records[0]['train_samples'] or 'all'} examples, not "
+                         f"{samples_of(p.task, args) or 'all'}: use another --work-dir for another protocol")
+    return records
+
+
 def run_point(p: Point, args) -> list[dict] | None:
     """Train one point (unless done) and score its stored forms; None when another instance has it."""
     from diffprune.training import train
 
     out = Path(args.work_dir) / p.name
     record_path = out / "pareto_records.json"
-    if record_path.exists():
-        records = json.loads(record_path.read_text())
-        if records[0]["train_samples"] != samples_of(p.task, args):
-            raise SystemExit(f"{out} was trained on {records[0]['train_samples'] or 'all'} examples, not "
-                             f"{samples_of(p.task, args) or 'all'}: use another --work-dir for another protocol")
-        return records
+    done = finished(p, args)
+    if done is not None:
+        return done
     l0 = None
     if p.staged:
         l0 = ensure_l0(p, args)
@@ -279,7 +289,7 @@ def run_grid(args) -> list:
         for task, method in ((t, m) for t in args.tasks for m in args.methods):
             points, more = jobs(task, method, work, args.extra_seeds)
             for p in points:
-                if p.name in failures or (work / p.name / "pareto_records.json").exists():
+                if p.name in failures or finished(p, args) is not None:
                     continue
                 try:
                     if run_point(p, args) is None:  # another instance has it (or its first stage)
