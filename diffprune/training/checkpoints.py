@@ -64,6 +64,12 @@ def load_trainable(model, state: dict[str, torch.Tensor]) -> None:
         params[name].copy_(t)
 
 
+def restore_trainable(model, ckpt: Path) -> None:
+    """The trainable state of checkpoint directory `ckpt` into `model` (--resume, --from-l0)."""
+    trainable, _ = load_safetensors(Path(ckpt) / "trainable.safetensors")
+    load_trainable(model, trainable)
+
+
 def state_hash(model) -> str:
     """A hash of the trainable state (positions and values of the diff, head, ...)."""
     h = hashlib.blake2b(digest_size=16)

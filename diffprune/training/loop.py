@@ -133,8 +133,7 @@ def _open_run_dir(acc, out: Path, ckpt, ckpt_state, wl: Workload, model, task_in
         barrier(acc)
         return Position()
     pos = Position(**ckpt_state["position"])
-    trainable, _ = checkpoints.load_safetensors(ckpt / "trainable.safetensors")
-    checkpoints.load_trainable(model, trainable)
+    checkpoints.restore_trainable(model, ckpt)
     if is_main(acc):
         log_event(log_path, {"event": "resume", "time": time.time(), "checkpoint": ckpt.name, "phase": pos.phase,
                              "epoch": pos.epoch, "step": pos.step, "global_step": pos.global_step})
@@ -144,8 +143,7 @@ def _open_run_dir(acc, out: Path, ckpt, ckpt_state, wl: Workload, model, task_in
 
 def _start_from_l0(acc, out: Path, model, src: Path, state: dict) -> Position:
     """--from-l0: the other run's L0 state and position (its L0 epochs, steps and time count as this run's)."""
-    trainable, _ = checkpoints.load_safetensors(src / "trainable.safetensors")
-    checkpoints.load_trainable(model, trainable)
+    checkpoints.restore_trainable(model, src)
     pos = Position(**state["position"])
     if is_main(acc):
         log_event(out / runs.LOG_FILE, {"event": "from_l0", "time": time.time(), "run": str(src.parent.parent.resolve()),
