@@ -44,6 +44,7 @@ import _env  # noqa: E402
 from glue_accuracy import _claim  # noqa: E402  (one lock file per run: instances share a grid)
 
 from diffprune._io import atomic_write_text  # noqa: E402
+from diffprune.runs import PACKAGED_MODEL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("sst2", "stsb", "mrpc", "rte", "cola")  # run order: short, informative tasks first
@@ -311,6 +312,32 @@ def run_grid(args) -> list:
         time.sleep(20)  # another instance holds what is left: wait for it
 
 
+def restore_published(args) -> int:
+    """Seed the work dir from the published `pareto.json`: a fresh checkout (whose work dir is gone) resumes
+    where the published grid stops instead of training its points again. Only records of this run's
+    protocol (model, training subset, epochs) are restored, one `pareto_records.json` per run; the runs'
+    diffs themselves are not published, so a restored point is scored, not re-scorable."""
+    published = Path(args.results_dir) / "pareto.json"
+    if not published.exists():
+        return 0
+    epochs = args.epochs if args.epochs is not None else COMMON["epochs"]
+    by_run: dict[str, list[dict]] = {}
+    for r in json.loads(published.read_text()).get("records", []):
+        if (r["task"] in args.tasks and r["model"] == (args.model or PACKAGED_MODEL)
+                and r["train_samples"] == samples_of(r["task"], args) and r["settings"]["epochs"] == epochs):
+            by_run.setdefault(r["run"], []).append(r)
+    restored = 0
+    for run, records in by_run.items():
+        path = Path(args.work_dir) / run / "pareto_records.json"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(records, indent=2) + "\n")
+            restored += 1
+    if restored:
+        print(f"restored {restored} finished points from {published}", flush=True)
+    return restored
+
+
 def collect(work: Path) -> list[dict]:
     out = []
     for path in sorted(work.glob("*/pareto_records.json")):
@@ -562,6 +589,7 @@ def main(argv=None) -> int:
     args.tasks = sorted(args.tasks, key=TASKS.index)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    restore_published(args)
     failures = [] if args.report_only else run_grid(args)
     print(write_report(collect(Path(args.work_dir)), args))
     if failures:

@@ -60,3 +60,17 @@ def test_pareto_grid_on_a_tiny_model(tmp_path, tiny_base, glue):
         pareto.main(["--tasks", "rte", "--methods", "lora", "--model", str(tiny_base), "--data-dir", str(glue),
                      "--train-samples", "16", "--epochs", "1", "--no-progress", "--no-extra-seeds",
                      "--work-dir", str(work), "--results-dir", str(results)])
+    # a fresh checkout (its work dir gone) resumes from the published records, only those of its protocol
+    before = (results / "pareto.md").read_text()
+    fresh = tmp_path / "fresh"
+    assert pareto.main(["--tasks", "rte", "--methods", "structured", "lora", "bitfit", "--model", str(tiny_base),
+                        "--data-dir", str(glue), "--train-samples", "32", "--epochs", "1", "--no-extra-seeds",
+                        "--report-only", "--work-dir", str(fresh), "--results-dir", str(results)]) == 0
+    assert (results / "pareto.md").read_text() == before
+    assert sorted(p.parent.name for p in fresh.glob("*/pareto_records.json")) == sorted({r["run"] for r in records})
+    other = dict(results_dir=str(results), work_dir=str(tmp_path / "other"), tasks=["rte"], model=str(tiny_base),
+                 sst2_train_samples=None)
+    assert pareto.restore_published(type("A", (), {**other, "train_samples": 16, "epochs": 1})) == 0
+    assert pareto.restore_published(type("A", (), {**other, "train_samples": 32, "epochs": 2})) == 0
+    assert pareto.restore_published(type("A", (), {**other, "train_samples": 32, "epochs": 1})) == len(
+        {r["run"] for r in records})
