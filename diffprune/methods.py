@@ -158,7 +158,8 @@ class DiffMethod(Method):
             alpha_dtype=opts["alpha_dtype"] if self.use_gates else "fp32",
             candidates=getattr(cfg, "candidates", None) if self.use_gates else None,
         )
-        dm = DiffModel(base, config)
+        # --fsdp: no L0 state yet; `sharding.setup` allocates it once the weights are sharded
+        dm = DiffModel(base, config, _allocate=not getattr(cfg, "fsdp", False))
         dm.recompute_weights = opts["recompute_weights"]
         return dm
 

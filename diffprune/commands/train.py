@@ -16,6 +16,8 @@ parameters) on top of the frozen model, and write it with the metrics and a mode
   torchrun --nproc_per_node 2 -m diffprune train --task rte ...          (data-parallel)
   accelerate launch --multi_gpu --num_processes 2 -m diffprune train ...  (the same; on CPU too:
                           "--cpu --num_processes 2" would start only one process)
+  torchrun --nproc_per_node 2 -m diffprune train --fsdp ...              (FSDP2: weights and diff
+                          state sharded over the processes)
 
 Methods: structured (default: diff pruning with per-tensor group gates), diff (unstructured),
 magnitude (non-adaptive baseline), and for comparison full (plain finetuning), lora (PEFT LoRA r=8
@@ -112,6 +114,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "by an importance warm-up: memory O(c n) instead of O(n)")
     g.add_argument("--candidate-warmup-steps", type=int, default=d.candidate_warmup_steps,
                    help="batches of that warm-up (default 200, at most one epoch)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="FSDP2 over the processes: frozen weights sharded per block, the diff state (w, alpha, "
+                        "values, gradients, moments) per tensor; N processes train as one with the global batch")
     g = p.add_argument_group("running")
     g.add_argument("--save-steps", type=int, default=d.save_steps,
                    help="checkpoint every N steps (default 500; 0: only at epoch ends)")
@@ -155,6 +160,7 @@ def run(args) -> int:
         gradient_checkpointing=args.gradient_checkpointing, candidates=args.candidates,
         candidate_warmup_steps=args.candidate_warmup_steps, family=args.family, target_modules=args.target_modules,
         generation_max_new_tokens=args.generation_max_new_tokens, stop_after=args.stop_after, from_l0=args.from_l0,
+        fsdp=args.fsdp,
     )
     metrics = train(cfg)
     if metrics is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import runs
+from ..sharding import full
 from .._io import atomic_path, atomic_write_text
 from ..errors import TrainError
 from .config import L0_FORK_FREE_KEYS, RESUME_KEYS, UNRECORDED_SETTINGS, TrainConfig
@@ -86,7 +87,7 @@ def optimizer_to_safetensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     for pid, st in sd["state"].items():
         for key, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"state.{pid}.{key}"] = v.detach().cpu().contiguous()
+                tensors[f"state.{pid}.{key}"] = full(v).cpu().contiguous()  # gathered when sharded
             else:
                 scalars[f"{pid}.{key}"] = v
     meta = {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -155,9 +156,11 @@ def write_checkpoint(acc, run_dir: Path, model, optimizer, pos: Position, settin
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     _save_safetensors(step_dir / f"rng-rank{acc.process_index}.safetensors", rng)
-    if is_main(acc):
-        _save_safetensors(step_dir / "trainable.safetensors", trainable_named(model))
+    if is_main(acc) or getattr(model, "sharded", False):  # sharded: gathering is a collective of every process
+        trainable = trainable_named(model)
         opt_tensors, opt_meta = optimizer_to_safetensors(optimizer)
+    if is_main(acc):
+        _save_safetensors(step_dir / "trainable.safetensors", trainable)
         _save_safetensors(step_dir / "optimizer.safetensors", opt_tensors, opt_meta)
         state = {"position": dataclasses.asdict(pos), "settings": settings, "world_size": acc.num_processes}
         atomic_write_text(step_dir / "trainer_state.json", json.dumps(state, indent=2) + "\n")

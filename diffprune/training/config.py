@@ -98,6 +98,11 @@ class TrainConfig:
     stop_after: str | None = None
     """"l0": stop when the first stage of a diff method ends, keeping its checkpoint (``--resume``
     continues the run, ``from_l0`` starts other runs from it)."""
+    fsdp: bool = False
+    """Diff methods: FSDP2 over the processes (`diffprune.sharding`): the frozen weights sharded per block,
+    w, alpha, the kept values, their gradients and moments sharded per tensor; every process draws the
+    same gate noise per step, so N processes train as one with the global batch. With one process it
+    trains unsharded under the same noise rule."""
     from_l0: str | None = None
     """A run directory stopped after its L0 stage (``stop_after="l0"``): this run starts from that state and
     projects it onto its own ``target_sparsity``, then runs its own fixed-mask stage (a budget sweep trains
@@ -158,7 +163,16 @@ class TrainConfig:
             if isinstance(self.candidate_warmup_steps, bool) or not isinstance(self.candidate_warmup_steps, int) \
                     or self.candidate_warmup_steps < 1:
                 raise ConfigError(f"--candidate-warmup-steps {self.candidate_warmup_steps!r} must be an integer >= 1")
+        if self.fsdp:
+            if method.artefact != "diff":
+                diff_methods = ", ".join(n for n, m in METHODS.items() if m.artefact == "diff")
+                raise ConfigError(f"--fsdp shards the diff methods ({diff_methods}); --method {self.method} trains "
+                                  "data-parallel without it: drop --fsdp")
+            if self.candidates is not None:
+                raise ConfigError("--fsdp with --candidates is not supported yet: drop one (the candidate state is "
+                                  "already c * n, --fsdp shards the dense L0 state)")
         if self.stop_after not in (None, "l0"):
+
             raise ConfigError(f"--stop-after {self.stop_after!r}: the one stage a run can stop after is l0")
         for flag, used in (("--stop-after l0", self.stop_after), ("--from-l0", self.from_l0)):
             if used is not None and not method.projects:
@@ -194,11 +208,11 @@ RESUME_KEYS = (
     "alpha_lr", "fixmask_lr", "batch_size", "max_seq_length", "max_train_samples", "seed", "train_file",
     "validation_file", "text_columns", "label_column", "max_eval_samples", "head_lr", "max_grad_norm", "lora_r",
     "lora_alpha", "lora_dropout", "task_type", "alpha_dtype", "theta_dtype", "memory", "candidates",
-    "candidate_warmup_steps", "family", "target_modules", "generation_max_new_tokens",
+    "candidate_warmup_steps", "family", "target_modules", "generation_max_new_tokens", "fsdp",
 )
 
 # Settings whose default changed after runs had been made without recording them: a checkpoint or
 # benchmark record that lacks one was made with the value here, not with today's default.
-UNRECORDED_SETTINGS = {"group_penalty": "expected_l0", "family": "classifier"}
+UNRECORDED_SETTINGS = {"group_penalty": "expected_l0", "family": "classifier", "fsdp": False}
 
 

@@ -3,7 +3,11 @@ is main, waiting for each other, exchanging Python objects, and which examples e
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from ..errors import TrainError
 
 
 def is_main(acc) -> bool:
@@ -34,6 +38,34 @@ def broadcast_object(acc, obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def local_processes() -> int:
+    """The processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE; 1 when not launched)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def refuse_accelerate_fsdp() -> None:
+    """accelerate's FSDP plugin (`accelerate launch --use_fsdp`, or `distributed_type: FSDP` in its config)
+    would wrap the model in a second FSDP of its own (and on a CPU it fails inside `Accelerator()`): refused
+    before anything starts, naming the launch that works."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        raise TrainError(
+            "accelerate's FSDP plugin (--use_fsdp / distributed_type: FSDP) is not how diffprune shards: launch "
+            "with a plain multi-process config (accelerate launch --multi_gpu --num_processes N, distributed_type: "
+            "MULTI_GPU, or torchrun --nproc_per_node N) and pass --fsdp to 'diffprune train', which applies FSDP2 "
+            "per block itself and shards the diff state with it"
+        )
+
+
+def step_noise_seed(seed: int, global_step: int) -> int:
+    """The gate-noise seed of global step `global_step` under --fsdp: the same on every process, and a
+    function of the position only, so a resumed run draws what the uninterrupted one drew."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 7 + global_step * 2_654_435_761 % (2**61))
+    return int(torch.randint(0, 2**62, (1,), generator=g).item())
 
 
 def permutation(seed: int, phase: int, epoch: int, n: int) -> list[int]:

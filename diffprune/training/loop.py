@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import lean, runs
+from .. import lean, runs, sharding
 from ..batching import pad_id
 from ..errors import TrainError
 from ..families import CAUSAL_LM, CLASSIFIER, Family, get_family
@@ -20,7 +20,8 @@ from ..methods import Phase, get_method
 from . import checkpoints, memory, rundir
 from .checkpoints import Position
 from .config import TrainConfig
-from .distributed import barrier, broadcast_object, gather_objects, is_main, local_indices, permutation
+from .distributed import (barrier, broadcast_object, gather_objects, is_main, local_indices, local_processes,
+                          permutation, refuse_accelerate_fsdp, step_noise_seed)
 from .progress import RunClock, density, hms, log_event
 
 STEP_SLEEP_ENV = "DIFFPRUNE_DEBUG_STEP_SLEEP"  # tests: slow each step down to kill a run mid-way
@@ -90,10 +91,12 @@ def _load_workload(cfg: TrainConfig, family: Family, base_model: str, acc, show:
     base, tokenizer, missing = family.load_base(base_model, spec, cfg.seed)
     method = get_method(cfg.method)
     if cfg.check_memory:
-        memory.check_memory(method, base, acc.device, cfg)
+        memory.check_memory(method, base, acc.device, cfg, shards=acc.num_processes if cfg.fsdp else 1,
+                            sharing=local_processes() if acc.device.type == "cpu" else 1)
     with runs.hf_quiet():
         model = method.build(base, missing, cfg, family)
-    model.to(acc.device)
+    if not cfg.fsdp:  # (--fsdp: sharding.setup moves it, block by block)
+        model.to(acc.device)
     pad = pad_id(tokenizer)
     train_enc = family.encode(tokenizer, data.train, spec, cfg.max_seq_length)
     val_enc = family.encode(tokenizer, data.validation, spec, cfg.max_seq_length)
@@ -181,6 +184,13 @@ def _seed_processes(cfg: TrainConfig, rank: int, ckpt) -> None:
 def evaluate(acc, model, wl: Workload, batch_size: int, cfg: TrainConfig, which: str = "validation") -> dict:
     """Validation metrics (eval mode); the examples are shared out over the processes."""
     enc = getattr(wl, which)
+    if getattr(model, "sharded", False):
+        # FSDP: every forward is a collective, so every process runs the same batches (all of them); their
+        # results are the same, each process keeps its own
+        part = wl.family.evaluate(model, enc, wl.spec, tokenizer=wl.tokenizer, batch_size=batch_size,
+                                  pad_token_id=wl.pad, device=acc.device, indices=list(range(len(enc))), cfg=cfg)
+        sharding.reshard(model)  # a forward without backward leaves the root group gathered: back to its shards
+        return wl.family.combine([part], enc, wl.spec)
     indices = list(range(len(enc)))[acc.process_index::acc.num_processes]
     part = wl.family.evaluate(model, enc, wl.spec, tokenizer=wl.tokenizer, batch_size=batch_size,
                               pad_token_id=wl.pad, device=acc.device, indices=indices, cfg=cfg)
@@ -196,6 +206,7 @@ def _phase_optimizer(method, model, phase: Phase, cfg: TrainConfig, opts: dict, 
     if resume_from is not None:
         opt_tensors, opt_meta = checkpoints.load_safetensors(resume_from / "optimizer.safetensors")
         optimizer.load_state_dict(checkpoints.optimizer_from_safetensors(opt_tensors, opt_meta))
+        sharding.localize_optimizer_state(optimizer)  # full moments onto sharded parameters' shards
     return optimizer
 
 
@@ -247,9 +258,13 @@ class _Trainer:
     def run_phase(self, pi: int, phase: Phase, ckpt) -> None:
         cfg, pos, acc = self.cfg, self.pos, self.acc
         self.method.start_phase(self.model, phase)
+        if getattr(self.model, "sharded", False):
+            sharding.prepare_phase(self.model)  # this phase's diff state sharded, the weights resharded
         resuming = ckpt is not None and pi == pos.phase and (pos.epoch or pos.step)
         optimizer = _phase_optimizer(self.method, self.model, phase, cfg, self.opts, ckpt if resuming else None)
-        if self.opts["optimizer_in_backward"]:
+        if getattr(self.model, "sharded", False):
+            wrapped = self.model  # FSDP reduces the gradients: no data-parallel wrapper
+        elif self.opts["optimizer_in_backward"]:
             wrapped = acc.prepare(self.model)
         else:
             wrapped, optimizer = acc.prepare(self.model, optimizer)
@@ -270,7 +285,9 @@ class _Trainer:
 
         cfg, pos, acc, spe = self.cfg, self.pos, self.acc, self.steps_per_epoch
         perm = permutation(cfg.seed, pi, epoch, len(self.wl.train))
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        # what is clipped is what the optimiser steps (under --fsdp, model.parameters() can hold the gathered
+        # copies FSDP made for a validation forward instead of the sharded parameters)
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         total_steps = phase.epochs * spe
         bar = tqdm(total=spe, initial=start, disable=not self.show, dynamic_ncols=True, file=sys.stderr,
                    desc=f"{phase.name} epoch {epoch + 1}/{phase.epochs}")
@@ -281,6 +298,8 @@ class _Trainer:
             for g in optimizer.param_groups:  # linear decay to 0 over the phase, no warm-up
                 g["lr"] = g["initial_lr"] * (1.0 - (epoch * spe + step) / total_steps)
             idx = local_indices(perm, step, cfg.batch_size, acc.process_index, acc.num_processes)
+            if cfg.fsdp:  # the same gate noise on every process: one sample per global batch
+                self.model.step_seed = step_noise_seed(cfg.seed, pos.global_step)
             with self.autocast():
                 loss = wrapped(**self.wl.batch(idx, acc.device)).loss
             acc.backward(loss)
@@ -349,6 +368,7 @@ def train(cfg: TrainConfig) -> dict:
 
     wall0 = time.time()
     cfg.validate()
+    refuse_accelerate_fsdp()
     acc = Accelerator(cpu=not torch.cuda.is_available())
     main, world, rank = is_main(acc), acc.num_processes, acc.process_index
     show = cfg.progress and main
@@ -373,6 +393,11 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     wl, model, missing = _load_workload(cfg, family, base_model, acc, show)
     autocast = memory.memory_setup(model, opts, cfg, acc.device)
+    if cfg.fsdp:
+        blocks = sharding.setup(model, acc.device, world)
+        if show and world > 1:
+            print(f"--fsdp: {blocks} blocks and the root sharded over {world} processes; the diff state per tensor",
+                  file=sys.stderr)
     method = get_method(cfg.method)
     phases = method.phases(cfg)
     steps_per_epoch = -(-len(wl.train) // (cfg.batch_size * world))
@@ -406,6 +431,8 @@ def train(cfg: TrainConfig) -> dict:
         else trainer.timed_eval()
 
     # 4. the artefacts (main process), then the metrics on every process
+    if getattr(model, "sharded", False):
+        sharding.unshard(model)  # the diff state and head gathered on every process (collectives)
     if cfg.debug_rank_hashes:
         _write_rank_hash(out, model, method, rank)
     metrics = None

@@ -26,12 +26,17 @@ def available_memory(device) -> int | None:
     return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
-def check_memory(method, base, device, cfg=None) -> None:
+def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int = 1) -> None:
     """Refuse before training when the method's state alone exceeds the memory available (activations
-    come on top, so a run that passes may still be tight; one that fails here could not have finished)."""
+    come on top, so a run that passes may still be tight; one that fails here could not have finished).
+
+    `shards`: the processes --fsdp spreads the state over (each holds 1/shards of it); `sharing`: the
+    processes whose state lives in this memory (on a CPU every process of the machine: two ranks on one
+    host need the state of both there, sharded or not; on an accelerator, its own process)."""
     n = sum(p.numel() for p in base.parameters())
+    scale = sharing / shards
     per = method.state_bytes_per_parameter(cfg)
-    need = int(n * per)
+    need = int(n * per * scale)
     have = available_memory(device)
     if have is None or need <= have:
         return
@@ -45,11 +50,15 @@ def check_memory(method, base, device, cfg=None) -> None:
                              ("--memory lean --candidates 0.05", {"memory": "lean", "candidates": 0.05})):
             if cfg is not None:
                 alt = dataclasses.replace(cfg, **extra)
-                hints.append(f"{label}: about {size(int(n * method.state_bytes_per_parameter(alt)))}")
+                hints.append(f"{label}: about {size(int(n * method.state_bytes_per_parameter(alt) * scale))}")
     hint = ("; " + "; ".join(hints)) if hints else ""
+    where = ""
+    if sharing > 1 or shards > 1:
+        where = (f" ({sharing} process{'es' if sharing > 1 else ''} in this memory, each holding "
+                 f"{'1/' + str(shards) if shards > 1 else 'all'} of the state)")
     raise TrainError(
         f"--method {method.name} needs about {size(need)} of training state for this model's {n:,} "
-        f"parameters ({per:g} bytes each beyond the loaded weights, before activations) and {size(have)} is "
+        f"parameters ({per:g} bytes each beyond the loaded weights, before activations){where} and {size(have)} is "
         f"available{hint}; or use a smaller model, --method lora, or a machine with more memory (or pass "
         "--skip-memory-check to try anyway)"
     )

@@ -1,0 +1,127 @@
+"""`--fsdp` over two gloo ranks (torchrun) on a tiny BERT: each rank holds half of the weights and of the
+diff state, the run ends with the diff one process makes with the same global batch (gradient clipping
+active), and a run stopped mid-L0-epoch and again mid-fixed-mask-stage resumes to the uninterrupted run's
+diff. Also the memory estimate under sharding and the refusal of accelerate's own FSDP plugin."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffprune import SparseDiff
+from diffprune.training import TrainConfig, train
+
+from .helpers_cli import ENV, REPO, glue, one_thread, save_tiny_base  # noqa: F401
+
+WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
+# 64 examples at a global batch of 16: 4 steps per epoch, 2 L0 epochs + 1 fixed-mask epoch = 12 steps;
+# checkpoints every 2 steps. lr 1e-3 so that 12 steps move the values well away from 0; gradient norms are
+# 0.02-0.37 here, so a clip norm of 0.1 scales most steps (AdamW alone would hide a wrong gradient scale).
+RUN = dict(task="rte", max_train_samples=64, max_eval_samples=32, epochs=2, fixmask_epochs=1, max_seq_length=32,
+           target_sparsity=0.02, seed=0, lr=1e-3, save_steps=2, progress=False, fsdp=True, max_grad_norm=0.1)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    # no dropout: two processes draw dropout masks one process would not, and the runs could not agree
+    return save_tiny_base(tmp_path_factory.mktemp("fsdp_base"), dropout=0.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(spec: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(WORKER), json.dumps(spec)]
+    return subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _assert_same_diff(a_dir: Path, b_dir: Path, rtol: float) -> None:
+    a, b = SparseDiff.load(a_dir), SparseDiff.load(b_dir)
+    assert a.nnz == b.nnz and set(a.indices) == set(b.indices)
+    for name in a.indices:
+        assert torch.equal(a.indices[name], b.indices[name]), name
+        torch.testing.assert_close(a.values[name], b.values[name], rtol=rtol, atol=1e-7)
+    for name in a.head:
+        torch.testing.assert_close(a.head[name], b.head[name], rtol=rtol, atol=1e-7)
+
+
+def test_fsdp_two_ranks_equal_one_process_and_resume(tmp_path, base, glue):
+    common = {**RUN, "data_dir": str(glue), "model": str(base)}
+    one = train(TrainConfig(output_dir=str(tmp_path / "one"), batch_size=16, **common))
+    # the clipping matters: without it the diff is another one (so the comparisons below check it too)
+    train(TrainConfig(output_dir=str(tmp_path / "unclipped"), batch_size=16, **{**common, "max_grad_norm": 1e9}))
+    with pytest.raises(AssertionError):
+        _assert_same_diff(tmp_path / "one", tmp_path / "unclipped", rtol=1e-2)
+
+    shards = tmp_path / "shards"
+    done = _torchrun({**common, "output_dir": str(tmp_path / "two"), "batch_size": 8, "debug_rank_hashes": True,
+                      "shard_report": str(shards)})
+    assert done.returncode == 0, done.stderr[-4000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2 and two["steps"] == one["steps"] == 12
+    # each rank holds about half of the diffed weights and of w / alpha (a 0-dim group logit is replicated)
+    for rank in (0, 1):
+        held = json.loads((shards / f"rank{rank}.json").read_text())
+        assert held["blocks"] == 3  # BertEmbeddings and the two BertLayers (the model's _no_split_modules)
+        assert 0.45 < held["theta_local"] / held["theta_full"] < 0.55
+        assert 0.45 < held["slots_local"] / held["slots_full"] < 0.55
+    # both ranks end with the same trainable state, and it is the one-process run's
+    hashes = [json.loads((tmp_path / "two" / "rank-hashes" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert hashes[0] == {**hashes[1], "rank": 0} and hashes[0]["nnz"] == one["nnz"]
+    _assert_same_diff(tmp_path / "one", tmp_path / "two", rtol=1e-4)
+
+    # stopped right after the step-2 checkpoint (mid L0 epoch: sharded w, alpha and moments restored) ...
+    res = {**common, "output_dir": str(tmp_path / "res"), "batch_size": 8}
+    stopped = _torchrun({**res, "stop_after_checkpoints": 1})
+    assert stopped.returncode != 0 and not (tmp_path / "res" / "metrics.json").exists()
+    assert json.loads((tmp_path / "res" / "checkpoint" / "latest.json").read_text())["dir"] == "step-000000002"
+    # ... resumed and stopped again at step 10 (mid fixed-mask stage: the kept values restored sharded) ...
+    stopped = _torchrun({**res, "resume": True, "stop_after_checkpoints": 4})
+    assert stopped.returncode != 0, stopped.stderr[-4000:]
+    assert json.loads((tmp_path / "res" / "checkpoint" / "latest.json").read_text())["dir"] == "step-000000010"
+    # ... and resumed to the end: the uninterrupted two-rank run's diff
+    done = _torchrun({**res, "resume": True})
+    assert done.returncode == 0, done.stderr[-4000:]
+    log = [json.loads(x) for x in (tmp_path / "res" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in log if r.get("event") == "resume"] == [2, 10]
+    _assert_same_diff(tmp_path / "two", tmp_path / "res", rtol=1e-5)
+
+
+def test_memory_estimate_counts_shards_and_the_processes_sharing_the_memory(monkeypatch):
+    from diffprune.methods import get_method
+    from diffprune.training import TrainError, memory
+
+    base = torch.nn.Linear(1024, 1024)  # 1,049,600 parameters: 36 bytes each for structured = 36.0 MiB
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1024)
+    structured = get_method("structured")
+
+    def needs(**kw) -> str:
+        with pytest.raises(TrainError) as e:
+            memory.check_memory(structured, base, torch.device("cpu"), None, **kw)
+        return str(e.value).split("needs about ")[1].split(" of")[0]
+
+    assert needs() == "36.0 MiB"
+    assert needs(shards=2) == "18.0 MiB"  # one accelerator per process: each holds half
+    assert needs(shards=2, sharing=2) == "36.0 MiB"  # two ranks on one CPU host: both halves in this memory
+    assert needs(sharing=2) == "72.1 MiB"  # plain data parallel on one host: a whole copy per process
+    assert "2 processes in this memory, each holding 1/2 of the state" in str(
+        pytest.raises(TrainError, memory.check_memory, structured, base, "cpu", None, shards=2, sharing=2).value)
+
+
+def test_accelerates_own_fsdp_plugin_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    from diffprune.training import TrainError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
+    with pytest.raises(TrainError, match=r"--use_fsdp.*pass --fsdp to 'diffprune train'"):
+        train(TrainConfig(output_dir=str(tmp_path / "run"), task="rte", data_dir=str(tmp_path), fsdp=True))
+    assert not (tmp_path / "run").exists()
