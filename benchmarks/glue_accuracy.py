@@ -91,7 +91,7 @@ def run_one(task, method, seed, args, overrides) -> dict | None:
 
     run_dir = Path(args.work_dir) / f"{task}-{method}-s{seed}"
     settings = settings_for(method, overrides)
-    max_train = args.sst2_train_samples if task == "sst2" and args.max_train_samples is None else args.max_train_samples
+    max_train = train_samples_for(task, args)
     record_path = run_dir / "benchmark_record.json"
     if record_path.exists():
         done = json.loads(record_path.read_text())
@@ -132,6 +132,40 @@ def run_one(task, method, seed, args, overrides) -> dict | None:
     finally:  # after the record, so no other instance sees a finished run as unclaimed
         lock.unlink(missing_ok=True)
     return record
+
+
+def train_samples_for(task: str, args) -> int | None:
+    return args.sst2_train_samples if task == "sst2" and args.max_train_samples is None else args.max_train_samples
+
+
+def import_records(paths: list[Path], args, overrides, tag: bool = True) -> int:
+    """Bring finished records of this script (other work dirs, published results) into this grid's work dir as
+    finished cells. Only records made with exactly this grid's settings (the method's DEFAULTS and --set),
+    training subset and target sparsity are taken, so the grid stays one protocol; the rest are counted and
+    left out. A fresh checkout restores its published results this way instead of training them again (the
+    runs' folders are not published, so an imported cell is a record, not a re-scorable run)."""
+    taken, other = 0, 0
+    for path in paths:
+        if not Path(path).exists():
+            continue
+        for r in json.loads(Path(path).read_text()):
+            if r["task"] not in args.tasks or r["method"] not in args.methods or r["seed"] not in args.seeds:
+                continue
+            mine = (settings_for(r["method"], overrides), train_samples_for(r["task"], args), args.target_sparsity)
+            if (r["settings"], r.get("train_samples"), r.get("target_sparsity")) != mine:
+                other += 1
+                continue
+            dest = Path(args.work_dir) / f"{r['task']}-{r['method']}-s{r['seed']}" / "benchmark_record.json"
+            if dest.exists():
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if tag and "imported_from" not in r:  # where a cell brought in from another grid was run
+                r = {**r, "imported_from": os.path.relpath(Path(path).resolve(), REPO)}
+            atomic_write_text(dest, json.dumps(r, indent=2) + "\n")
+            taken += 1
+    if taken or other:
+        print(f"imported {taken} finished cells; left out {other} records made with other settings", flush=True)
+    return taken
 
 
 def _claim(run_dir: Path) -> Path | None:
@@ -318,6 +352,10 @@ def write_report(records: list[dict], out_dir: Path, tasks, notes: str = "") -> 
                   f"- machine: {r0['machine']}", f"- versions: {r0['versions']}",
                   f"- dates: {min(r['date'] for r in records)} to {max(r['date'] for r in records)}",
                   "- commands: " + "; ".join(sorted({f'`{r["command"]}`' for r in records}))]
+        imported = sorted({r["imported_from"] for r in records if r.get("imported_from")})
+        for source in imported:
+            cells = sorted(f"{r['task']}/{r['method']}/s{r['seed']}" for r in records if r.get("imported_from") == source)
+            lines.append(f"- from `{source}` (same settings, brought in with `--import-records`): {', '.join(cells)}")
     if notes:
         lines += ["", notes]
     text = "\n".join(lines) + "\n"
@@ -340,6 +378,9 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default=str(REPO / "benchmarks" / "work" / "glue_accuracy"))
     p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--import-records", nargs="*", default=[], metavar="JSON", type=Path,
+                   help="glue_accuracy.json files of other runs of this script: their records made with this grid's "
+                        "settings join it as finished cells (the published results in --results-dir always do)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--notes-file", default=None, help="markdown appended to the results file")
     args = p.parse_args(argv)
@@ -348,6 +389,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     overrides = parse_overrides(args.set)
     work = Path(args.work_dir)
+    import_records([Path(args.results_dir) / "glue_accuracy.json"], args, overrides, tag=False)  # the published grid
+    import_records(args.import_records, args, overrides)
     failures: list = []
     if not args.report_only:
         for seed in args.seeds:

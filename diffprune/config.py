@@ -80,7 +80,8 @@ class DiffPruningConfig:
     "expected_l0" (METHOD.md, the paper's equation): lambda * sum_i P(z_i) P(z_g), the expected L0
     of the diff. The group logit's penalty gradient scales with the tensor's size, so with Adam at
     the paper's alpha lr the gates of large matrices close within ~100 steps, before w has moved:
-    on MiniLM-L6 / GLUE it scored 0.0 on CoLA and chance on RTE (benchmarks/results/glue_accuracy.md,
+    on MiniLM-L6 / GLUE it scored 0.0 on CoLA and chance on RTE
+    (benchmarks/results/glue_structured_study/expected_l0_lr_5e-4/; why: benchmarks/results/glue_accuracy.md,
     "Why the group gates close").
     """
     use_gates: bool = True
