@@ -1,0 +1,41 @@
+"""benchmarks/memory_accuracy.py end to end on a tiny random BERT and 32 RTE examples: each configuration
+trains with its own settings, the report compares them, and a fresh work dir restores the published records
+instead of training again."""
+
+import json
+import sys
+from pathlib import Path
+
+from .helpers_cli import glue, one_thread, tiny_base  # noqa: F401
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_memory_accuracy_grid_on_a_tiny_model(tmp_path, tiny_base, glue):
+    import memory_accuracy
+
+    work, results = tmp_path / "work", tmp_path / "results"
+    common = ["--tasks", "rte", "--model", str(tiny_base), "--data-dir", str(glue), "--max-train-samples", "32",
+              "--work-dir", str(work), "--results-dir", str(results)]
+    assert memory_accuracy.main(["run", "--configs", "dense", "lean", "c0.05", *common]) == 0
+    payload = json.loads((results / "memory_accuracy.json").read_text())
+    by = {r["config"]: r for r in payload["records"]}
+    assert set(by) == {"dense", "lean", "c0.05"}
+    assert by["lean"]["settings"]["memory"] == "lean" and by["c0.05"]["settings"]["candidates"] == 0.05
+    assert "memory" not in by["dense"]["settings"] and "candidates" not in by["dense"]["settings"]
+    # every configuration ends at the same exact budget, through its own L0 stage
+    assert len({r["nnz"] for r in by.values()}) == 1
+    run = json.loads((work / "c0.05" / "rte-structured-s0" / "run.json").read_text())
+    assert run["settings"]["candidates"] == 0.05
+    # the lean run stepped inside backward, and the report says how often its clipping differed
+    assert set(by["lean"]["in_backward"]) == {"l0", "fixed"}
+    text = (results / "memory_accuracy.md").read_text()
+    assert "| dense L0 (the default) |" in text and "`--candidates 0.05`" in text
+    assert "dense L0, published grid" in text  # the published dense grid beside today's
+
+    # a fresh checkout: the published records are restored, nothing is trained again
+    fresh = tmp_path / "fresh"
+    out = memory_accuracy.main(["report", *[a if a != str(work) else str(fresh) for a in common]])
+    assert out == 0
+    assert json.loads((results / "memory_accuracy.json").read_text())["records"] == payload["records"]
+    assert not list(fresh.glob("*/rte-structured-s0/run.json"))  # records only, no runs
