@@ -69,6 +69,14 @@ class Method:
         opts = _options(cfg)
         return (0 if opts["optimizer_in_backward"] else 4) + 8  # full: a gradient and two moments per parameter
 
+    def training_state(self, base, missing: list[str], cfg, family=None) -> tuple[int, str]:
+        """(bytes, how they add up): the training state beyond the loaded model that `check_memory` weighs
+        against the memory available, with `cfg`'s memory options; every parameter at
+        `state_bytes_per_parameter` unless a method knows better."""
+        n = sum(p.numel() for p in base.parameters())
+        per = self.state_bytes_per_parameter(cfg)
+        return int(n * per), f"{per:g} bytes for each of the {n:,} parameters"
+
     # ---- training -----------------------------------------------------------------------------------
     def phases(self, cfg) -> list[Phase]:
         return [Phase("train", cfg.epochs, cfg.resolved_lr())]
@@ -135,6 +143,26 @@ class DiffMethod(Method):
         if c is None:
             return w + alpha + effective
         return max(2.0, c * (w + alpha + 8)) + effective
+
+    def training_state(self, base, missing, cfg, family=None):
+        # only what is diffed carries diff state: the family's frozen tensors (a causal LM's embeddings and LM
+        # head, 21-28% of a 0.5-1B model) carry none, and the head trains densely (a gradient and two moments)
+        from .config import DiffPruningConfig
+
+        roles = DiffPruningConfig(**self.selection(base, missing, cfg, family))
+        counts = {"diff": 0, "head": 0}
+        for name, p in base.named_parameters():  # tied weights once
+            role = roles.role_of(name)
+            if role == "diff" and not p.is_floating_point():
+                role = "frozen"
+            if role in counts:
+                counts[role] += p.numel()
+        per = self.state_bytes_per_parameter(cfg)
+        head = (0 if _options(cfg)["optimizer_in_backward"] else 4) + 8
+        text = f"{per:g} bytes for each of the {counts['diff']:,} diffed parameters"
+        if counts["head"]:
+            text += f", {head} for each of the {counts['head']:,} head parameters"
+        return int(counts["diff"] * per + counts["head"] * head), text
 
     def selection(self, base, missing, cfg, family=None) -> dict:
         """`DiffPruningConfig` keyword arguments choosing what is diffed, head and frozen (the family's)."""

@@ -114,7 +114,7 @@ def test_memory_estimate_counts_shards_and_the_processes_sharing_the_memory(monk
     assert needs(shards=2) == "18.0 MiB"  # one accelerator per process: each holds half
     assert needs(shards=2, sharing=2) == "36.0 MiB"  # two ranks on one CPU host: both halves in this memory
     assert needs(sharing=2) == "72.1 MiB"  # plain data parallel on one host: a whole copy per process
-    assert "2 processes in this memory, each holding 1/2 of the state" in str(
+    assert "; 2 processes in this memory, each holding 1/2 of the state)" in str(
         pytest.raises(TrainError, memory.check_memory, structured, base, "cpu", None, shards=2, sharing=2).value)
 
 
@@ -125,3 +125,20 @@ def test_accelerates_own_fsdp_plugin_is_refused_before_anything_starts(tmp_path,
     with pytest.raises(TrainError, match=r"--use_fsdp.*pass --fsdp to 'diffprune train'"):
         train(TrainConfig(output_dir=str(tmp_path / "run"), task="rte", data_dir=str(tmp_path), fsdp=True))
     assert not (tmp_path / "run").exists()
+
+
+def test_memory_estimate_counts_only_what_is_trained():
+    """A causal LM's embeddings and LM head are frozen by default: they carry no diff state, and the estimate
+    (what `diffprune train` refuses on) does not count them."""
+    from diffprune.families import CAUSAL_LM, get_family
+    from diffprune.methods import get_method
+    from diffprune.tiny import tiny_causal
+    from diffprune.training import TrainConfig
+
+    base = tiny_causal("llama", vocab_size=4000)  # embeddings and LM head: most of this model's entries
+    cfg = TrainConfig(output_dir="unused", family=CAUSAL_LM)
+    structured = get_method("structured")
+    dm = structured.build(base, [], cfg, get_family(CAUSAL_LM))
+    need, how = structured.training_state(tiny_causal("llama", vocab_size=4000), [], cfg, get_family(CAUSAL_LM))
+    assert need == 36 * dm.n_diffed and f"the {dm.n_diffed:,} diffed parameters" in how
+    assert dm.n_diffed < 0.5 * sum(p.numel() for p in base.parameters())

@@ -92,7 +92,8 @@ def _load_workload(cfg: TrainConfig, family: Family, base_model: str, acc, show:
     method = get_method(cfg.method)
     if cfg.check_memory:
         memory.check_memory(method, base, acc.device, cfg, shards=acc.num_processes if cfg.fsdp else 1,
-                            sharing=local_processes() if acc.device.type == "cpu" else 1)
+                            sharing=local_processes() if acc.device.type == "cpu" else 1, missing=missing,
+                            family=family)
     with runs.hf_quiet():
         model = method.build(base, missing, cfg, family)
     if not cfg.fsdp:  # (--fsdp: sharding.setup moves it, block by block)

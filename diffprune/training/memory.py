@@ -26,17 +26,25 @@ def available_memory(device) -> int | None:
     return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
-def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int = 1) -> None:
+def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int = 1, missing=(), family=None) -> None:
     """Refuse before training when the method's state alone exceeds the memory available (activations
     come on top, so a run that passes may still be tight; one that fails here could not have finished).
 
-    `shards`: the processes --fsdp spreads the state over (each holds 1/shards of it); `sharing`: the
-    processes whose state lives in this memory (on a CPU every process of the machine: two ranks on one
-    host need the state of both there, sharded or not; on an accelerator, its own process)."""
-    n = sum(p.numel() for p in base.parameters())
+    The state is the method's `training_state` for this model and `cfg` (only what it trains: diffed
+    tensors, the head). `shards`: the processes --fsdp spreads the state over (each holds 1/shards of it);
+    `sharing`: the processes whose state lives in this memory (on a CPU every process of the machine: two
+    ranks on one host need the state of both there, sharded or not; on an accelerator, its own process)."""
     scale = sharing / shards
-    per = method.state_bytes_per_parameter(cfg)
-    need = int(n * per * scale)
+
+    def state(c):
+        if c is None:  # no run settings: every parameter at the method's standard rate
+            n = sum(p.numel() for p in base.parameters())
+            per = method.state_bytes_per_parameter(None)
+            return int(n * per), f"{per:g} bytes for each of the {n:,} parameters"
+        return method.training_state(base, list(missing), c, family)
+
+    bytes_, how = state(cfg)
+    need = int(bytes_ * scale)
     have = available_memory(device)
     if have is None or need <= have:
         return
@@ -45,22 +53,21 @@ def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int =
         return f"{b / 2**30:.1f} GiB" if need >= 2**30 else f"{b / 2**20:.1f} MiB"
 
     hints = []
-    if getattr(method, "use_gates", False) and getattr(cfg, "candidates", None) is None:
+    if getattr(method, "use_gates", False) and getattr(cfg, "candidates", None) is None and cfg is not None:
         for label, extra in (("--memory lean", {"memory": "lean"}),
                              ("--memory lean --candidates 0.05", {"memory": "lean", "candidates": 0.05})):
-            if cfg is not None:
-                alt = dataclasses.replace(cfg, **extra)
-                hints.append(f"{label}: about {size(int(n * method.state_bytes_per_parameter(alt) * scale))}")
+            if getattr(cfg, "memory", None) == "lean" and "candidates" not in extra:
+                continue  # already lean: only the candidates are a further step
+            hints.append(f"{label}: about {size(int(state(dataclasses.replace(cfg, **extra))[0] * scale))}")
     hint = ("; " + "; ".join(hints)) if hints else ""
     where = ""
     if sharing > 1 or shards > 1:
-        where = (f" ({sharing} process{'es' if sharing > 1 else ''} in this memory, each holding "
-                 f"{'1/' + str(shards) if shards > 1 else 'all'} of the state)")
+        where = (f"; {sharing} process{'es' if sharing > 1 else ''} in this memory, each holding "
+                 f"{'1/' + str(shards) if shards > 1 else 'all'} of the state")
     raise TrainError(
-        f"--method {method.name} needs about {size(need)} of training state for this model's {n:,} "
-        f"parameters ({per:g} bytes each beyond the loaded weights, before activations){where} and {size(have)} is "
-        f"available{hint}; or use a smaller model, --method lora, or a machine with more memory (or pass "
-        "--skip-memory-check to try anyway)"
+        f"--method {method.name} needs about {size(need)} of training state ({how}, beyond the loaded weights and "
+        f"before activations{where}) and {size(have)} is available{hint}; or use a smaller model, --method lora, "
+        "or a machine with more memory (or pass --skip-memory-check to try anyway)"
     )
 
 
