@@ -108,13 +108,13 @@ def test_memory_estimate_counts_shards_and_the_processes_sharing_the_memory(monk
     def needs(**kw) -> str:
         with pytest.raises(TrainError) as e:
             memory.check_memory(structured, base, torch.device("cpu"), None, **kw)
-        return str(e.value).split("needs about ")[1].split(" of")[0]
+        return str(e.value).split("needs about ")[1].split(":")[0]
 
     assert needs() == "36.0 MiB"
     assert needs(shards=2) == "18.0 MiB"  # one accelerator per process: each holds half
     assert needs(shards=2, sharing=2) == "36.0 MiB"  # two ranks on one CPU host: both halves in this memory
     assert needs(sharing=2) == "72.1 MiB"  # plain data parallel on one host: a whole copy per process
-    assert "; 2 processes in this memory, each holding 1/2 of the state)" in str(
+    assert "(2 processes in this memory, each holding 1/2 of the state)" in str(
         pytest.raises(TrainError, memory.check_memory, structured, base, "cpu", None, shards=2, sharing=2).value)
 
 
@@ -142,3 +142,27 @@ def test_memory_estimate_counts_only_what_is_trained():
     need, how = structured.training_state(tiny_causal("llama", vocab_size=4000), [], cfg, get_family(CAUSAL_LM))
     assert need == 36 * dm.n_diffed and f"the {dm.n_diffed:,} diffed parameters" in how
     assert dm.n_diffed < 0.5 * sum(p.numel() for p in base.parameters())
+
+
+def test_memory_estimate_adds_weights_not_in_memory_and_activations(monkeypatch):
+    """The two terms beside the state: weights mapped from their file but not yet in the process's own memory
+    (MemAvailable still counts them as free), and activations from the model's shape at the run's batch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from diffprune.training import memory
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=128))
+    size = sum(p.numel() * p.element_size() for p in list(llama.parameters()) + list(llama.buffers()))
+    monkeypatch.setattr(memory, "proc_bytes", lambda path, field: 10 if field == "RssAnon" else None)
+    assert memory.weights_to_page_in(llama, torch.device("cpu")) == size  # mapped, not resident
+    monkeypatch.setattr(memory, "proc_bytes", lambda path, field: 10 * size if field == "RssAnon" else None)
+    assert memory.weights_to_page_in(llama, torch.device("cpu")) == 0  # materialised in this process
+    cfg = TrainConfig(output_dir="unused", batch_size=2, max_seq_length=256, family="causal-lm")
+    per_layer = 68 * 2 * 256 * 64 + 10 * 4 * 256 * 256 * 2
+    assert memory.activation_bytes(llama, cfg) == 3 * per_layer + 12 * 2 * 256 * 1000
+    ckpt = TrainConfig(output_dir="unused", batch_size=2, max_seq_length=256, family="causal-lm",
+                       gradient_checkpointing=True)
+    assert memory.activation_bytes(llama, ckpt) == 3 * 4 * 2 * 256 * 64 + per_layer + 12 * 2 * 256 * 1000
+    assert memory.activation_bytes(torch.nn.Linear(4, 4), cfg) == 0  # no transformer shape: not estimated
