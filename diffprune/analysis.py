@@ -96,10 +96,11 @@ def storage(diff, diff_file: Path) -> dict:
     s = diff.summary()
     bits = {k: s[k] for k in ("format_version", "value_dtype", "value_width_bits", "bits_per_nonzero",
                               "position_bits_per_nonzero", "position_bound_bits_per_nonzero", "value_bits_per_nonzero")}
+    other = stored - s["position_bytes"] - s["value_bytes"] - s["head_bytes"]  # safetensors + diffprune headers
     return {"stored_bytes": stored, "full_copy_bytes": full, "ratio": stored / full if full else 0.0,
             "bytes_per_nonzero": s["bytes_per_nonzero"], "positions_bytes": s["position_bytes"],
-            "values_bytes": s["value_bytes"], "head_bytes": s["head_bytes"],
-            **bits}
+            "values_bytes": s["value_bytes"], "head_bytes": s["head_bytes"], "header_bytes": other,
+            "file_bits_per_nonzero": 8 * stored / max(s["nnz"], 1), **bits}
 
 
 def _table(title: str, rows: list[dict]) -> list[str]:
@@ -118,8 +119,9 @@ def format_report(report: dict, store: dict | None = None) -> str:
     if store:
         lines.append(
             f"stored: {store['stored_bytes']:,} bytes vs {store['full_copy_bytes']:,} for a full fp32 copy "
-            f"({store['ratio']:.2%}; {store['bytes_per_nonzero']:.2f} bytes per nonzero: "
-            f"{store['positions_bytes']:,} position + {store['values_bytes']:,} value + {store['head_bytes']:,} head bytes)"
+            f"({store['ratio']:.2%}): {store['positions_bytes']:,} position + {store['values_bytes']:,} value + "
+            f"{store['head_bytes']:,} head + {store['header_bytes']:,} header bytes, "
+            f"{store['file_bits_per_nonzero']:.2f} bits per nonzero in all"
         )
         if "position_bits_per_nonzero" in store:
             lines.append(

@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from diffprune import DiffFileError, DiffModel, DiffPruningConfig, SparseDiff, codec
+from diffprune import DiffFileError, DiffModel, DiffPruningConfig, SparseDiff, codec, diff_file
 from diffprune.diff_file import DIFF_FILE, FORMAT_VERSION, header_checksum
 
 from .conftest import tiny_bert
 from .helpers_cli import cli, fast_args, one_thread, tiny_base  # noqa: F401
 
 FIXTURE_V1 = Path(__file__).parent / "fixtures" / "diff_v1"
+FIXTURE_V2 = Path(__file__).parent / "fixtures" / "diff_v2"
 
 
 def _roundtrip(pos: np.ndarray, n: int) -> tuple[dict, dict]:
@@ -128,7 +130,7 @@ def test_value_dtypes_roundtrip(tmp_path, value_dtype, wide):
             scale = (pad.view(-1, block).abs().amax(1) / 127).repeat_interleave(block)[: v.numel()]
             assert bool(((got - v).abs() <= scale / 2 * (1 + 1e-5)).all())
     s = back.summary()
-    assert s["value_dtype"] == value_dtype and s["format_version"] == 2
+    assert s["value_dtype"] == value_dtype and s["format_version"] == FORMAT_VERSION
     width = codec.VALUE_BITS[value_dtype]
     assert s["value_width_bits"] == width
     if wide:
@@ -172,27 +174,75 @@ def test_version_1_fixture_loads():
     assert s["format_version"] == 1 and s["nnz"] == 8
 
 
-def test_version_1_fixture_resaves_as_version_2(tmp_path):
+def test_version_1_fixture_resaves_as_the_current_version(tmp_path):
     d = SparseDiff.load(FIXTURE_V1)
-    d.save(tmp_path / "v2")
-    back = SparseDiff.load(tmp_path / "v2")
-    assert back.format_version == 2
+    d.save(tmp_path / "now")
+    back = SparseDiff.load(tmp_path / "now")
+    assert back.format_version == FORMAT_VERSION == 3
     for n in d.shapes:
         assert torch.equal(back.indices[n], d.indices[n]) and torch.equal(back.values[n], d.values[n])
 
 
-def _read(path):
+def test_version_2_fixture_loads():
+    """A v2 file (one safetensors entry per coded stream; written by diffprune before v3) keeps loading: the
+    fixture holds the v1 fixture's diff, in int8 values."""
+    v1, v2 = SparseDiff.load(FIXTURE_V1), SparseDiff.load(FIXTURE_V2)
+    assert v2.format_version == 2 and v2.value_dtype == "int8"
+    meta, _ = _read(FIXTURE_V2)
+    assert meta["format_version"] == "2"
+    assert v2.shapes == v1.shapes and v2.extra == v1.extra and v2.n_diffed == v1.n_diffed
+    for n in v1.shapes:
+        assert torch.equal(v2.indices[n], v1.indices[n])
+        scale = v1.values[n].abs().max() / 127 if v1.values[n].numel() else 0
+        assert bool(((v2.values[n] - v1.values[n]).abs() <= scale / 2 + 1e-7).all())
+
+
+def test_version_3_packs_the_streams_and_the_table(tmp_path):
+    """v3 stores exactly what v2 does (the same coded streams) in four safetensors entries, whatever the
+    number of tensors, with the per-tensor table compressed: a 100-tensor diff's header is a few kB, not
+    tens of kB, and the rest of the file is the same bytes."""
+    shapes = {f"model.layers.{i}.mlp.{part}.weight": (64, 48) for i in range(25) for part in ("up", "down", "gate", "o")}
+    g = torch.Generator().manual_seed(0)
+    indices = {n: torch.randperm(64 * 48, generator=g)[:20].sort().values for n in shapes}
+    values = {n: torch.randn(20, generator=g) * 1e-3 for n in shapes}
+    cfg = DiffPruningConfig(head_parameters=[], frozen_parameters=[])
+    d = SparseDiff(indices, values, shapes, {}, cfg, "fp", sum(64 * 48 for _ in shapes))
+    d.save(tmp_path / "v3", value_dtype="bf16")
+    d._save_v2(tmp_path / "v2", value_dtype="bf16")
+
+    def header_bytes(path):
+        import struct
+        return 8 + struct.unpack("<Q", (path / DIFF_FILE).read_bytes()[:8])[0]
+
+    with safe_open(str(tmp_path / "v3" / DIFF_FILE), framework="pt") as f:
+        assert sorted(f.keys()) == ["index", "streams"]
+    h2, h3 = header_bytes(tmp_path / "v2"), header_bytes(tmp_path / "v3")
+    size2, size3 = ((tmp_path / v / DIFF_FILE).stat().st_size for v in ("v2", "v3"))
+    assert h2 > 40_000 and h3 < 3_000  # 500 safetensors entries and a JSON table, against 2 and a zlib'd table
+    index = _raw(tmp_path / "v3", "index")
+    assert len(json.loads(zlib.decompress(index))["tensors"]) == 100
+    assert size3 - h3 == size2 - h2 + len(index)  # the data: v2's stream bytes, then the compressed table
+    back2, back3 = SparseDiff.load(tmp_path / "v2"), SparseDiff.load(tmp_path / "v3")
+    assert back2.format_version == 2 and back3.format_version == 3
+    for n in shapes:
+        assert torch.equal(back3.indices[n], back2.indices[n]) and torch.equal(back3.values[n], back2.values[n])
+
+
+def _raw(path, key) -> bytes:
     with safe_open(str(path / DIFF_FILE), framework="pt") as f:
-        return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+        return f.get_tensor(key).numpy().tobytes()
+
+
+def _read(path):
+    """(safetensors metadata with the full header, the tensors) in the per-tensor layout (v3 unpacked)."""
+    meta, header, tensors = diff_file.read_layout(path)
+    return {**meta, "header": json.dumps(header)}, tensors
 
 
 def _write(path, meta, tensors, header=None, rechecksum=False):
-    if header is not None:
-        if rechecksum:
-            header["checksum"] = header_checksum(header, tensors)
-        meta = {**meta, "header": json.dumps(header)}
+    header = header if header is not None else json.loads(meta["header"])
     (path / "diff_config.json").unlink(missing_ok=True)
-    save_file(tensors, str(path / DIFF_FILE), metadata=meta)
+    diff_file.write_layout(path, meta, header, tensors, rechecksum=rechecksum)
 
 
 def test_editing_the_header_is_detected(tmp_path):

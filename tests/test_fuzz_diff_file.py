@@ -6,8 +6,8 @@ shapes, deleted keys) and re-checksummed, so the decoder behind the checksum is 
 stored tensors replaced (other dtype, length or bytes) and re-checksummed. The only outcomes allowed:
 
 * the unchanged-checksum mutations: a diff equal to the original, or `DiffFileError` /
-  `BaseModelMismatchError` (anywhere in a v2 file; in the tensor bytes of a v1 file, whose checksum
-  does not cover its header - a known limit of version 1, which `diffprune compress` rewrites as v2);
+  `BaseModelMismatchError` (anywhere in a v2 or v3 file; in the tensor bytes of a v1 file, whose checksum
+  does not cover its header - a known limit of version 1, which `diffprune compress` rewrites as v3);
 * the re-checksummed ones (a deliberately edited, valid-looking file): `DiffFileError` /
   `BaseModelMismatchError`, or a diff that is internally consistent (sorted in-range positions, one
   value per position) and that `from_pretrained` puts on the base or refuses with those errors;
@@ -78,6 +78,8 @@ def originals(tmp_path_factory):
         out[vd] = {"bytes": (d / diff_file.DIFF_FILE).read_bytes(), "diff": SparseDiff.load(d)}
     v1 = Path(__file__).parent / "fixtures" / "diff_v1" / diff_file.DIFF_FILE
     out["v1"] = {"bytes": v1.read_bytes(), "diff": SparseDiff.load(v1)}
+    out["fp32"]["diff"]._save_v2(root / "v2")  # format v2 (one entry per stream) keeps loading: fuzzed too
+    out["v2"] = {"bytes": (root / "v2" / diff_file.DIFF_FILE).read_bytes(), "diff": SparseDiff.load(root / "v2")}
     return out, pristine
 
 
@@ -167,32 +169,20 @@ def _split(data: bytes) -> tuple[dict, bytes]:
     return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
-def _tensors_and_meta(path: Path):
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-
-
 def _opened(tmp: Path, data: bytes):
-    """(tensors, safetensors metadata, parsed diffprune header) of a file's bytes."""
+    """(tensors, safetensors metadata, parsed diffprune header) of a file's bytes, in the per-tensor layout
+    (a v3 file unpacked: its table and streams are edited like a v2 file's, then packed again)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     src = tmp / "src.safetensors"
     src.write_bytes(data)
-    tensors, meta = _tensors_and_meta(src)
-    return tensors, meta, json.loads(meta["header"])
+    meta, header, tensors = diff_file.read_layout(src)
+    return tensors, meta, header
 
 
 def _rewrite(tmp: Path, tensors: dict, meta: dict, header: dict) -> bytes:
     """A file with `tensors` and `header`, checksummed as the file's format version requires."""
-    version = meta.get("format_version", "1")
-    if str(version) == "1":
-        header["checksum"] = diff_file._checksum(tensors)
-    else:
-        header["checksum"] = diff_file.header_checksum(header, tensors, meta.get("format", diff_file.FORMAT), version)
-    out = tmp / "rewritten.safetensors"
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={**meta, "header": json.dumps(header)})
-    return out.read_bytes()
+    return diff_file.write_layout(tmp / "rewritten.safetensors", meta, header, tensors).read_bytes()
 
 
 def _paths(obj, prefix=()):
@@ -240,7 +230,7 @@ def _edit(data: bytes, edits, start: int = 0) -> bytes:
     return bytes(b)
 
 
-KINDS = ("fp32", "bf16", "int8", "v1")
+KINDS = ("fp32", "bf16", "int8", "v2", "v1")
 
 
 # ---- properties --------------------------------------------------------------------------------------------
@@ -249,7 +239,7 @@ KINDS = ("fp32", "bf16", "int8", "v1")
 def test_mutated_bytes_load_equal_or_fail_cleanly(originals, tmp_path_factory, kind, edits, cut):
     files, _ = originals
     original = files[kind]["bytes"]
-    # A v1 file's checksum covers its tensors only (v2 covers the header too): there, edit the tensor bytes.
+    # A v1 file's checksum covers its tensors only (v2 and v3 cover the header too): there, edit the tensor bytes.
     start = 8 + struct.unpack("<Q", original[:8])[0] if kind == "v1" else 0
     data = _edit(original, edits, start)
     if cut is not None:
@@ -342,12 +332,11 @@ def test_huge_claims_are_refused_without_allocating(originals, tmp_path):
     """A header claiming 10^12 nonzeros fails at load; a tensor claimed to have 10^12 entries is refused
     (by the file check, or by the base whose tensor is smaller) - both under the memory bound."""
     files, pristine = originals
-    for kind in ("fp32", "int8", "v1"):
+    for kind in ("fp32", "int8", "v2", "v1"):
         src = tmp_path / f"{kind}.safetensors"
         src.write_bytes(files[kind]["bytes"])
-        tensors, meta = _tensors_and_meta(src)
         for field, value in (("nnz", 10**12), ("shape", [10**6, 10**6])):
-            header = json.loads(meta["header"])
+            tensors, meta, header = _opened(tmp_path / f"{kind}-{field}-src", files[kind]["bytes"])
             name = sorted(header["tensors"])[0]
             header["tensors"][name][field] = value
             blob = _rewrite(tmp_path / f"{kind}-{field}", tensors, meta, header)
