@@ -196,7 +196,7 @@ def score_forms(p: Point, out: Path, metrics: dict, args) -> list[dict]:
     if "after_projection" in metrics:
         base["after_projection"] = metrics["after_projection"]["score"]
     records = [{**base, "value_dtype": "fp32", "score": metrics["score"], "metrics": metrics["final"],
-                "stored_bytes": metrics["stored_bytes"]}]
+                "stored_bytes": metrics["stored_bytes"], "file_format": file_format(p.method, out)}]
     for dtype in VALUE_DTYPES[p.method][1:]:
         form = out.parent / f"{p.name}@{dtype}"
         if p.method in ("lora", "shira"):
@@ -205,8 +205,25 @@ def score_forms(p: Point, out: Path, metrics: dict, args) -> list[dict]:
             size = compress(out, form, dtype)
         result = evaluate(form, args)
         records.append({**base, "value_dtype": dtype, "score": result["score"], "metrics": result["metrics"],
-                        "stored_bytes": size})
+                        "stored_bytes": size, "file_format": file_format(p.method, form)})
     return records
+
+
+DIFF_METHODS = ("structured", "magnitude", "bitfit")  # stored as diffprune diff files
+
+
+def current_diff_format() -> str:
+    from diffprune.diff_file import FORMAT_VERSION
+
+    return f"diffprune diff v{FORMAT_VERSION}"
+
+
+def file_format(method: str, run_dir: Path) -> str:
+    """What a stored form is, so that its bytes can be told apart from another format's: the diff file's
+    format version, or the kind of file the other methods store."""
+    if method in DIFF_METHODS:
+        return f"diffprune diff v{json.loads((run_dir / 'diff_config.json').read_text())['format_version']}"
+    return {"lora": "peft adapter", "shira": "peft adapter", "full": "transformers checkpoint"}[method]
 
 
 def _first_stage(metrics: dict) -> float | None:
@@ -315,17 +332,25 @@ def run_grid(args) -> list:
 def restore_published(args) -> int:
     """Seed the work dir from the published `pareto.json`: a fresh checkout (whose work dir is gone) resumes
     where the published grid stops instead of training its points again. Only records of this run's
-    protocol (model, training subset, epochs) are restored, one `pareto_records.json` per run; the runs'
+    protocol (model, training subset, epochs) are restored, one `pareto_records.json` per run, and of the
+    diff methods only those stored in today's diff file format (their bytes are the point); the runs'
     diffs themselves are not published, so a restored point is scored, not re-scorable."""
     published = Path(args.results_dir) / "pareto.json"
     if not published.exists():
         return 0
     epochs = args.epochs if args.epochs is not None else COMMON["epochs"]
     by_run: dict[str, list[dict]] = {}
+    stale = set()
     for r in json.loads(published.read_text()).get("records", []):
         if (r["task"] in args.tasks and r["model"] == (args.model or PACKAGED_MODEL)
                 and r["train_samples"] == samples_of(r["task"], args) and r["settings"]["epochs"] == epochs):
+            if r["method"] in DIFF_METHODS and r.get("file_format") != current_diff_format():
+                stale.add(r["run"])  # its bytes are an older diff file's (records before v3 lack the field)
+                continue
             by_run.setdefault(r["run"], []).append(r)
+    if stale:
+        print(f"{len(stale)} published runs of the diff methods stored an older diff file format than "
+              f"{current_diff_format()}: trained again, so that their bytes are today's", flush=True)
     restored = 0
     for run, records in by_run.items():
         path = Path(args.work_dir) / run / "pareto_records.json"
@@ -449,15 +474,16 @@ def write_report(records: list[dict], args) -> str:
                     lines.append(f"| {task} | {method} | {_size_label(method, size)} | "
                                  + ", ".join(f"{s:.1f}" for s in sc)
                                  + f" | {statistics.mean(sc):.1f} ± {statistics.stdev(sc):.1f} |")
-    lines += ["", "## Runs", "", "| run | values | score | first stage | after projection | nnz (+ head) | bytes | train s |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "| run | values | score | first stage | after projection | nnz (+ head) | bytes | file | train s |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["task"], r["method"], str(r["size"]), r["lr"], r["seed"])):
         fs = f"{r['first_stage']:.1f}" if r.get("first_stage") is not None else "—"
         ap = f"{r['after_projection']:.1f}" if r.get("after_projection") is not None else "—"
         head = r["task_parameters"] - r["nnz"]
         nnz = f"{r['nnz']:,}" + (f" (+{head:,})" if head > 0 else "")
         lines.append(f"| {r['run']} | {r['value_dtype']} | {r['score']:.2f} | {fs} | {ap} | {nnz} | "
-                     f"{r['stored_bytes']:,} | {r['train_seconds']:.0f} |")
+                     f"{r['stored_bytes']:,} | {r.get('file_format', 'diffprune diff v2' if r['method'] in DIFF_METHODS else '—')} "
+                     f"| {r['train_seconds']:.0f} |")
     if records:
         r0 = records[-1]
         lines += ["", "## Provenance", "", f"- model: `{r0['model']}`", f"- machine: {r0['machine']}",

@@ -74,3 +74,28 @@ def test_pareto_grid_on_a_tiny_model(tmp_path, tiny_base, glue):
     assert pareto.restore_published(type("A", (), {**other, "train_samples": 32, "epochs": 2})) == 0
     assert pareto.restore_published(type("A", (), {**other, "train_samples": 32, "epochs": 1})) == len(
         {r["run"] for r in records})
+
+
+def test_restore_trains_again_the_diffs_stored_in_an_older_file_format(tmp_path):
+    """Published records restore a fresh work dir, except the diff methods' records whose bytes are an older
+    diff file format's (records from before v3 carry no file_format): those points are trained again."""
+    import pareto
+
+    def record(method, run, fmt):
+        r = {"task": "rte", "method": method, "run": run, "model": pareto.PACKAGED_MODEL, "train_samples": 32,
+             "settings": {"epochs": 1}}
+        return {**r, "file_format": fmt} if fmt else r
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "pareto.json").write_text(json.dumps({"records": [
+        record("structured", "rte-structured-0.005-lr0.0001-s0", None),                       # v2 era
+        record("bitfit", "rte-bitfit-lr0.001-s0", "diffprune diff v2"),
+        record("magnitude", "rte-magnitude-0.005-lr5e-05-s0", pareto.current_diff_format()),
+        record("lora", "rte-lora-r8-lr0.001-s0", None),                                        # not a diff file
+    ]}))
+    args = type("A", (), {"results_dir": str(results), "work_dir": str(tmp_path / "work"), "tasks": ["rte"],
+                          "model": None, "train_samples": 32, "sst2_train_samples": None, "epochs": 1})
+    assert pareto.restore_published(args) == 2
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["rte-lora-r8-lr0.001-s0",
+                                                                     "rte-magnitude-0.005-lr5e-05-s0"]
