@@ -1,0 +1,22 @@
+"""benchmarks/llama_1b_cpu.py end to end on the tiny Llama shape: the model folder is built once, `diffprune train`
+runs as a user would run it (a subprocess per configuration), and the report has what each run did."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_llama_cpu_benchmark_on_a_tiny_llama(tmp_path):
+    import llama_1b_cpu
+
+    results = tmp_path / "results"
+    assert llama_1b_cpu.main(["--shape", "llama-tiny", "--configs", "candidates", "--rows", "4",
+                              "--work-dir", str(tmp_path / "work"), "--results-dir", str(results)]) == 0
+    rec = json.loads((results / "llama_1b_cpu.json").read_text())
+    (run,) = rec["records"]
+    assert run["exit_code"] == 0 and run["steps"] == 8  # 4 rows x (1 L0 + 1 fixed-mask epoch) at batch 1
+    assert run["nnz"] == round(0.005 * run["n_diffed"]) and run["candidate_warmup"]["warmup_steps"] == 4
+    assert run["peak_rss_gib"] > 0 and rec["model"]["shape"] == "llama-tiny"
+    assert "trained: 8 steps" in (results / "llama_1b_cpu.md").read_text()
