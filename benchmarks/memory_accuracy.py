@@ -207,9 +207,13 @@ def main(argv=None) -> int:
     restore_published(args)
     status = 0
     if args.action == "run":
+        # One cell at a time, the report rewritten after each: a run cut off keeps every finished cell.
         for cfg in args.configs:
-            status |= glue_accuracy.main(_grid_args(cfg, args))
-            print(write_report(collect(args), Path(args.results_dir), _env.command()).splitlines()[6], flush=True)
+            for task in args.tasks:
+                for seed in args.seeds:
+                    cell = argparse.Namespace(**{**vars(args), "tasks": [task], "seeds": [seed]})
+                    status |= glue_accuracy.main(_grid_args(cfg, cell))
+                    write_report(collect(args), Path(args.results_dir), _env.command())
     print(write_report(collect(args), Path(args.results_dir), _env.command()))
     return status
 
