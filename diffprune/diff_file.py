@@ -171,7 +171,9 @@ def _resolve_file(path: str | Path) -> Path:
 # ---- lazily decoded positions -----------------------------------------------------------------
 # ---- version 3: the v2 streams packed into one tensor, the per-tensor table compressed ------------
 _STREAM_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                  "float16": torch.float16, "float64": torch.float64}  # (float64: only in edited files, refused later)
+                  "float16": torch.float16,
+                  # only in edited files: packed as stored so that the load refuses them by name
+                  "float64": torch.float64, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64}
 _STREAM_NAMES = {v: k for k, v in _STREAM_DTYPES.items()}
 _MAX_INDEX_BYTES = 16 * 2**20  # the decompressed per-tensor table (a real one: ~200 bytes per tensor)
 

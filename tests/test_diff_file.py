@@ -99,6 +99,22 @@ def test_corrupted_values_are_refused(saved):
         SparseDiff.load(path)
 
 
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.int64, torch.float64])
+def test_a_stream_stored_in_a_foreign_dtype_is_refused(saved, tmp_path, dtype):
+    """An edited file whose positions stream is stored as another integer or float type is written
+    as it is (the fuzzer found the writer crashing on int32) and refused at load, by name."""
+    from diffprune import diff_file
+
+    path, _, _ = saved
+    meta, header, tensors = diff_file.read_layout(path / DIFF_FILE)
+    name = next(k for k in sorted(tensors) if k.endswith(".pos_high"))
+    tensors[name] = tensors[name].to(dtype)
+    header.pop("checksum", None)
+    out = diff_file.write_layout(tmp_path / "edited" / DIFF_FILE, meta, header, tensors)
+    with pytest.raises(DiffFileError):
+        SparseDiff.load(out)
+
+
 def test_missing_files_and_foreign_files(tmp_path, saved):
     with pytest.raises(DiffFileError, match="no diff at"):
         SparseDiff.load(tmp_path / "nowhere")
