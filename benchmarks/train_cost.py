@@ -68,7 +68,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-CONFIGS = ("full", "l0", "l0_structured", "fixed", "lora_qv8", "lora_all32", "l0_lean", "candidates")
+CONFIGS = ("full", "l0", "l0_structured", "fixed", "lora_qv8", "lora_all32", "l0_lean", "candidates",
+           "candidates_dense_grad")
 TITLES = {
     "full": "full finetuning (AdamW)",
     "l0": "diffprune L0 stage, unstructured",
@@ -78,6 +79,7 @@ TITLES = {
     "lora_all32": "PEFT LoRA r=32, all linear layers",
     "l0_lean": "diffprune L0 stage, --memory lean",
     "candidates": "diffprune candidate L0 (5%), --memory lean, warm-up included",
+    "candidates_dense_grad": "the same, weight gradient dense then gathered (before 2026-12-06)",
 }
 CANDIDATE_FRACTION = 0.05
 CANDIDATE_WARMUP_STEPS = 2  # the warm-up's memory is per step (no state across steps); its time is not a step
@@ -267,15 +269,16 @@ def setup(config: str, model, adamw: str, lr: float = 2e-5, batch: dict | None =
         dm.project(0.005)
         gc.collect()
         groups = dm.param_groups(lr=5e-5)
-    elif config in ("l0_lean", "candidates"):
+    elif config in ("l0_lean", "candidates", "candidates_dense_grad"):
         # --memory lean: gate logits in bf16, effective weights recomputed in backward, the AdamW
         # step inside backward (its clipping: the previous step's norm, so `step` does not clip)
         from diffprune import candidates
         from diffprune.lean import OptimizerInBackward
 
-        frac = CANDIDATE_FRACTION if config == "candidates" else None
+        frac = CANDIDATE_FRACTION if config != "l0_lean" else None
         dm = DiffModel(model, diff_config(alpha_dtype="bf16", candidates=frac))
         dm.recompute_weights = True
+        dm.sampled_candidate_grad = config != "candidates_dense_grad"
         if frac is not None:  # the importance warm-up, part of setup but inside the measured peak
             scores = candidates.importance(dm, [batch] * CANDIDATE_WARMUP_STEPS)
             dm.set_candidates(candidates.select(scores, frac))
@@ -359,7 +362,7 @@ def worker_main(args) -> None:
                 peak = torch.cuda.max_memory_allocated() - base
             else:
                 peak = _status_kib("VmHWM") * 1024 - base
-            if args.worker == "candidates":  # the importance warm-up ran in setup: its peak counts too
+            if args.worker.startswith("candidates"):  # the importance warm-up ran in setup: its peak counts too
                 peak = max(peak, setup_peak)
             proto.write(json.dumps({"peak_bytes": peak, "setup_peak_bytes": setup_peak, "hwm_reset": True if cuda else reset_ok,
                                     "breakdown": _breakdown(module, model, opt, params)}) + "\n")
@@ -684,6 +687,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None, help="also write the JSON summary here")
     p.add_argument("--write", action="store_true",
                    help="record the run (or profile) in benchmarks/results/train_cost.{json,md}")
+    p.add_argument("--label", default=None, help="with --write: store the run beside (not over) the same model and batch's")
     p.add_argument("--note", default=None, help="with --write: a remark stored with this run (e.g. the machine's load)")
     p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     p.add_argument("--profile", choices=CONFIGS, help="print a torch.profiler table for one configuration")
@@ -712,6 +716,8 @@ def main(argv=None) -> None:
         facts = {"machine": _env.machine(), "versions": _env.versions(), "command": _env.command(), "date": _env.now()}
     if args.note:
         facts["note"] = args.note
+    if args.label:
+        facts["label"] = args.label
     if args.profile:
         prof = profile_main(args)
         prof.update(facts)
@@ -747,7 +753,8 @@ def write_results(summary: dict | None = None, profile: dict | None = None, resu
     data.setdefault("runs", {})
     data.setdefault("profiles", {})
     if summary is not None:
-        data["runs"][f"{summary['model']} batch {summary['batch']}"] = summary
+        label = f" ({summary['label']})" if summary.get("label") else ""
+        data["runs"][f"{summary['model']} batch {summary['batch']}{label}"] = summary
     if profile is not None:
         data["profiles"].setdefault(profile["model"], {})[profile["profile"]] = profile
     jpath.write_text(json.dumps(data, indent=2) + "\n")
@@ -778,7 +785,7 @@ def render_md(data: dict, notes: str = "") -> str:
     for r in data["runs"].values():
         c = r["configs"]
         L += [f"## {r['model']}: batch {r['batch']}, sequence length {r['seq_len']}, {r['device']}, "
-              f"{r['threads']} thread(s) per worker", ""]
+              f"{r['threads']} thread(s) per worker" + (f" ({r['label']})" if r.get("label") else ""), ""]
         L += [f"- Command: `{r.get('command', '?')}`", f"- Date: {r.get('date', '?')}; took {r['seconds']:.0f} s"]
         m = r.get("machine", {})
         if m:

@@ -123,6 +123,16 @@ class _CandidateSlot(_L0Slot):
     def __init__(self, theta: torch.Tensor, config: DiffPruningConfig, candidates: torch.Tensor):
         super().__init__(theta, config, shape=(int(candidates.numel()),))
         self.register_buffer("candidates", candidates.to(device=theta.device, dtype=torch.int64))
+        self._csr = None
+
+    def csr(self, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The candidates as (crow, col) of a CSR matrix of `shape`, rebuilt when the buffer changes (a
+        move to another device, a checkpoint loaded in place)."""
+        c = self.candidates
+        key = (c.device, c.data_ptr(), c._version, shape)
+        if self._csr is None or self._csr[0] != key:
+            self._csr = (key, layers.csr_of(c, shape))
+        return self._csr[1]
 
 
 class _FixedSlot(nn.Module):
@@ -244,6 +254,17 @@ class DiffModel(nn.Module):
     def recompute_weights(self, value: bool) -> None:
         self._injector.recompute = bool(value)
 
+    @property
+    def sampled_candidate_grad(self) -> bool:
+        """In the candidate L0 stage, give nn.Linear weights their gradient at the candidates only, by a
+        sampled matmul (`layers.SampledWeightGrad`; on by default), rather than forming the dense
+        weight gradient and gathering it: the same gradients up to float summation order."""
+        return self._injector.sampled_grad
+
+    @sampled_candidate_grad.setter
+    def sampled_candidate_grad(self, value: bool) -> None:
+        self._injector.sampled_grad = bool(value)
+
     def checkpointing(self) -> bool:
         """Whether the wrapped model has activation checkpointing on."""
         return _checkpointing(self.model)
@@ -315,6 +336,34 @@ class DiffModel(nn.Module):
             return engine.add(t.reshape(-1), slot.positions, whole(slot.values)).view_as(t)
         cand = slot.candidates if isinstance(slot, _CandidateSlot) else None
         base = engine.gather(t.reshape(-1), cand) if cand is not None else t
+        out = self._l0_values(name, step, slot, base, for_recompute)
+        if cand is not None:
+            out = t.reshape(-1).index_copy(0, cand, out).view_as(t)
+        return out
+
+    def sampled_effective(self, name: str, step: layers.Step) -> tuple | None:
+        """For a candidate-restricted matrix in a training step of the L0 stage: (theta + delta as a
+        plain tensor outside autograd, theta + delta at the candidates with its autograd graph, the
+        candidates' flat positions, their (crow, col)); None in every other case. The module hook that asks for it
+        (`layers`) computes the weight's gradient at the candidates only (a sampled matmul), instead
+        of the dense gradient of the whole matrix that would then be gathered."""
+        if self._stage != "l0" or step.seed is None:
+            return None
+        slot = self._slot(name)
+        if not isinstance(slot, _CandidateSlot):
+            return None
+        t = self._theta_of(name)
+        if t.dim() != 2:
+            return None
+        cand = slot.candidates
+        vals = self._l0_values(name, step, slot, engine.gather(t.reshape(-1), cand), False)
+        with torch.no_grad():
+            eff = t.reshape(-1).index_copy(0, cand, vals.detach().to(t.dtype)).view_as(t)
+        return eff, vals, cand, slot.csr(tuple(t.shape))
+
+    def _l0_values(self, name: str, step: layers.Step, slot, base: torch.Tensor, for_recompute: bool) -> torch.Tensor:
+        """base + z * w over the slot's entries (the whole tensor or its candidates) for `step`, adding
+        the tensor's L0 term to the step the first time it runs with autograd on."""
         c = self.config
         if step.seed is not None:
             seed = _tensor_seed(step.seed, self._index[name])
@@ -330,8 +379,6 @@ class DiffModel(nn.Module):
                                        c.stretch_l, c.stretch_r)
         else:
             out = base + self._gated_w(name, gates.deterministic_gate).to(base.dtype)
-        if cand is not None:
-            out = t.reshape(-1).index_copy(0, cand, out).view_as(t)
         return out
 
     @torch.no_grad()

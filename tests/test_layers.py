@@ -266,3 +266,74 @@ def test_candidates_everywhere_equal_the_dense_l0_stage():
     for n in dense.diff_names:
         assert torch.equal(a.indices[n], b.indices[n]), n
         torch.testing.assert_close(a.values[n], b.values[n])
+
+
+def _candidate_model(kind: str, fraction: float = 0.05, seed: int = 0):
+    """A DiffModel in the candidate L0 stage on a random `fraction` of each diffed tensor's entries."""
+    model, batch = _model(kind)
+    dm = DiffModel(model, DiffPruningConfig(l0_lambda=1e-3, structured=True, candidates=0.5)).train()
+    g = torch.Generator().manual_seed(seed)
+    picks = {}
+    for n in dm.diff_names:
+        numel = dm._theta_of(n).numel()
+        picks[n] = torch.randperm(numel, generator=g)[: max(1, round(fraction * numel))].sort().values
+    dm.set_candidates(picks)
+    with torch.no_grad():
+        for slot in dm.slots.values():
+            slot.w.copy_(torch.randn(slot.w.shape, generator=g) * 0.05)
+            slot.alpha.copy_(torch.randn(slot.alpha.shape, generator=g) * 2)
+    return dm, batch
+
+
+@pytest.mark.parametrize("setting", ["plain", "checkpointing", "recompute"])
+@pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
+def test_candidate_weights_get_a_sampled_gradient_equal_to_the_dense_one(kind, setting, monkeypatch):
+    """Candidate-restricted nn.Linear weights take their gradient from a sampled matmul at the
+    candidates (SampledWeightGrad): the same loss and the same gradients for w and alpha as the dense
+    weight gradient gathered at the candidates, with activation checkpointing and recomputed weights
+    too. GPT-2's Conv1D layers keep the dense path."""
+    from diffprune import layers
+
+    dm, batch = _candidate_model(kind)
+    if setting == "checkpointing":
+        dm.gradient_checkpointing_enable({"use_reentrant": False})
+    if setting == "recompute":
+        dm.recompute_weights = True
+    runs = []
+    real = layers.SampledWeightGrad.backward
+
+    def counting(ctx, dy):
+        runs.append(ctx.shape)
+        return real(ctx, dy)
+
+    monkeypatch.setattr(layers.SampledWeightGrad, "backward", staticmethod(counting))
+    results = {}
+    for sampled in (True, False):
+        dm._injector.sampled_grad = sampled
+        torch.manual_seed(7)
+        results[sampled] = _loss_and_grads(dm, lambda: dm(**batch).loss)
+        if sampled:
+            n_sampled, runs[:] = len(runs), []
+    # every use of a diffed weight by an nn.Linear (GPT-2: only its LM head, tied to the diffed token
+    # embedding, whose Embedding use keeps the dense path: the two gradients add up in w)
+    linear_uses = [o for owners in dm._injector.owners.values() for o in owners if o.endswith(".weight")
+                   and type(dm.model.get_submodule(o.rsplit(".", 1)[0])) is torch.nn.Linear]
+    assert not runs  # the reference run used the dense gradient only
+    assert linear_uses and n_sampled == len(linear_uses)
+    _assert_same(results[True], results[False], rtol=1e-5, atol=1e-7)
+
+
+def test_sampled_weight_grad_equals_the_dense_product_at_the_positions():
+    from diffprune.layers import csr_of, sampled_weight_grad
+
+    g = torch.Generator().manual_seed(0)
+    dy, x = torch.randn(37, 24, generator=g), torch.randn(37, 16, generator=g)
+    cand = torch.randperm(24 * 16, generator=g)[:40].sort().values
+    want = (dy.t() @ x).reshape(-1)[cand]
+    torch.testing.assert_close(sampled_weight_grad(dy, x, cand, (24, 16)), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sampled_weight_grad(dy, x, cand, (24, 16), csr_of(cand, (24, 16))), want,
+                               rtol=1e-5, atol=1e-6)
+    # rows without candidates, and a single candidate
+    one = torch.tensor([24 * 16 - 1])
+    torch.testing.assert_close(sampled_weight_grad(dy, x, one, (24, 16)), want.new_tensor([(dy[:, 23] * x[:, 15]).sum()]),
+                               rtol=1e-5, atol=1e-6)
