@@ -257,13 +257,14 @@ class DiffModel(nn.Module):
     @property
     def sampled_candidate_grad(self) -> bool:
         """In the candidate L0 stage, give nn.Linear weights their gradient at the candidates only, by a
-        sampled matmul (`layers.SampledWeightGrad`; on by default), rather than forming the dense
-        weight gradient and gathering it: the same gradients up to float summation order."""
+        sampled matmul (`layers.SampledWeightGrad`), rather than forming the dense weight gradient and
+        gathering it: the same gradients up to float summation order. None (the default): on the CPU
+        only, where it is measured faster (bert-base 8 x 128: the candidate step 0.81x the time)."""
         return self._injector.sampled_grad
 
     @sampled_candidate_grad.setter
-    def sampled_candidate_grad(self, value: bool) -> None:
-        self._injector.sampled_grad = bool(value)
+    def sampled_candidate_grad(self, value: bool | None) -> None:
+        self._injector.sampled_grad = None if value is None else bool(value)
 
     def checkpointing(self) -> bool:
         """Whether the wrapped model has activation checkpointing on."""

@@ -307,6 +307,9 @@ def test_candidate_weights_get_a_sampled_gradient_equal_to_the_dense_one(kind, s
         return real(ctx, dy)
 
     monkeypatch.setattr(layers.SampledWeightGrad, "backward", staticmethod(counting))
+    # default: sampled on the CPU only
+    assert dm.sampled_candidate_grad is None and dm._injector.samples(torch.zeros(1))
+    assert not dm._injector.samples(torch.zeros(1, device="meta"))
     results = {}
     for sampled in (True, False):
         dm._injector.sampled_grad = sampled
