@@ -43,6 +43,11 @@ CONFIGS = {
     "c0.05": ("candidate L0, `--candidates 0.05`", {"candidates": 0.05}),
     "c0.10": ("candidate L0, `--candidates 0.1`", {"candidates": 0.1}),
 }
+# Records of code since changed: kept in the report (restored like the others), no longer run.
+SUPERSEDED = {
+    "lean_nearest": ("dense L0, `--memory lean` with bf16 alpha rounded to nearest (the code before "
+                     "`diffprune/optim.py`'s stochastic rounding, 2026-12-06)", {"memory": "lean"}),
+}
 PUBLISHED_DENSE = REPO / "benchmarks" / "results" / "glue_structured_study" / "per_gate_lr_1e-4" / "glue_accuracy.json"
 
 
@@ -68,7 +73,7 @@ def restore_published(args) -> int:
         return 0
     n = 0
     for r in json.loads(path.read_text()).get("records", []):
-        if r["config"] not in CONFIGS:
+        if r["config"] not in CONFIGS and r["config"] not in SUPERSEDED:
             continue
         dest = Path(args.work_dir) / r["config"] / f"{r['task']}-structured-s{r['seed']}" / "benchmark_record.json"
         if not dest.exists():
@@ -83,7 +88,7 @@ def restore_published(args) -> int:
 
 def collect(args) -> list[dict]:
     out = []
-    for cfg in CONFIGS:
+    for cfg in [*CONFIGS, *SUPERSEDED]:
         work = Path(args.work_dir) / cfg
         if not work.is_dir():
             continue
@@ -114,6 +119,7 @@ def _avg(by_task: dict, seed=0):
 def write_report(records: list[dict], out_dir: Path, command: str) -> str:
     rows = [("dense_published", "dense L0, published grid (2026-11-23 code, before the per-layer diffs)")]
     rows += [(c, title) for c, (title, _) in CONFIGS.items()]
+    rows[3:3] = [(c, title) for c, (title, _) in SUPERSEDED.items()]  # after "lean", the row it was
     all_records = _published_dense() + records
     table: dict = {}
     for r in all_records:
@@ -185,7 +191,7 @@ def write_report(records: list[dict], out_dir: Path, command: str) -> str:
               f"- dense (published): {PUBLISHED_DENSE.relative_to(REPO)}"]
     text = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"configs": {c: {"title": t, "settings": s} for c, (t, s) in CONFIGS.items()},
+    payload = {"configs": {c: {"title": t, "settings": s} for c, (t, s) in {**CONFIGS, **SUPERSEDED}.items()},
                "averages": {c: _avg(table.get(c, {})) for c, _ in rows}, "records": records}
     atomic_write_text(out_dir / "memory_accuracy.json", json.dumps(payload, indent=2) + "\n")
     atomic_write_text(out_dir / "memory_accuracy.md", text)

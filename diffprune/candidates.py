@@ -6,9 +6,11 @@
 The warm-up runs the frozen model forward and backward over a few hundred batches with autograd on
 the diffed weights, adding each tensor's |gradient| into a bfloat16 accumulator the moment that
 gradient is complete (a post-accumulate-grad hook) and dropping the gradient: no optimiser state
-for theta, one tensor's gradient at a time, and 2 bytes per diffed entry for the scores. (A
-bfloat16 sum over a few hundred batches ranks entries to within its 8-bit mantissa; ties at the
-cut are broken by position.) The task head may train meanwhile (`head_optimizer`), so that the
+for theta, one tensor's gradient at a time, and 2 bytes per diffed entry for the scores. The sum
+is rounded back to bfloat16 stochastically (`diffprune.optim.add_stochastic_`): rounded to
+nearest, each batch's term, ~1/200 of the running total after 200 batches, would be rounded to 0,
+1 or 2 steps of an 8-bit mantissa, off by up to half of itself depending on where the total sits in
+its binade. Ties at the cut are broken by position. The task head may train meanwhile (`head_optimizer`), so that the
 gradients are those of a head that has started to learn the task rather than of a random one.
 
 `select` keeps exactly round(c * n) entries, globally, without concatenating the scores: a
@@ -24,6 +26,8 @@ from collections.abc import Iterable
 
 import torch
 
+from . import optim
+
 _CHUNK = 1 << 22
 
 
@@ -36,15 +40,17 @@ def importance(dm, batches: Iterable[dict], head_optimizer=None, on_step=None,
     scores = {n: torch.zeros(t.shape, dtype=torch.bfloat16, device=t.device) for n, t in theta.items()}
     handles = []
 
-    def accumulate(name):
+    step = [0]
+
+    def accumulate(name, index):
         def hook(p):
-            scores[name].add_(p.grad.abs_())  # in place: the gradient is dropped next
+            optim.add_stochastic_(scores[name], p.grad.abs_(), key=(step[0], index))  # unbiased bf16 sum
             p.grad = None
         return hook
 
-    for name, t in theta.items():
+    for index, (name, t) in enumerate(theta.items()):
         t.requires_grad_(True)
-        handles.append(t.register_post_accumulate_grad_hook(accumulate(name)))
+        handles.append(t.register_post_accumulate_grad_hook(accumulate(name, index)))
     was_training = dm.training
     dm.train()
     try:
@@ -52,6 +58,7 @@ def importance(dm, batches: Iterable[dict], head_optimizer=None, on_step=None,
             with autocast():
                 loss = dm(**batch).loss
             loss.backward()
+            step[0] += 1
             if head_optimizer is not None:
                 head_optimizer.step()
                 head_optimizer.zero_grad(set_to_none=True)

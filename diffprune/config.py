@@ -97,7 +97,8 @@ class DiffPruningConfig:
     """Patterns of parameters neither diffed nor trained."""
     alpha_dtype: str = "fp32"
     """Storage of the gate logits alpha (and so of their AdamW moments): "fp32" or "bf16" (half the
-    bytes; the gate arithmetic still runs in float32)."""
+    bytes; the gate arithmetic still runs in float32, and `diffprune.optim.AdamW` steps bf16 logits in
+    float32 and rounds them back stochastically, so small updates are not lost)."""
     candidates: float | None = None
     """Candidate-restricted L0: the fraction c of diffed entries (chosen by an importance warm-up,
     `diffprune.candidates`) that get w and alpha; None = every entry (the paper's dense L0 stage)."""

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from . import optim
 from .errors import ConfigError
 
 MEMORY_MODES = ("standard", "lean")
@@ -78,12 +79,14 @@ class OptimizerInBackward:
         self._opts: dict[int, tuple[torch.optim.Optimizer, dict]] = {}
         self._handles = []
         self._order: list[torch.Tensor] = []
+        index = 0
         for g in groups:
             settings = {k: v for k, v in g.items() if k not in ("params", "initial_lr")}
             for p in g["params"]:
+                index += 1
                 if not p.requires_grad:  # e.g. a tensor that kept no position after projection
                     continue
-                opt = torch.optim.AdamW([{"params": [p], **settings}], **adamw)
+                opt = optim.AdamW([{"params": [p], **settings}], first_index=index - 1, **adamw)
                 self._opts[id(p)] = (opt, g)
                 self._order.append(p)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._step_tensor))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import optim
 from .errors import ConfigError, DiffPruneError
 
 DIFF_FILE = "diff.safetensors"
@@ -93,7 +94,7 @@ class Method:
         groups = self.param_groups(model, phase, cfg)
         for g in groups:
             g["initial_lr"] = g["lr"]
-        return torch.optim.AdamW(groups, lr=phase.lr, weight_decay=0.0)
+        return optim.AdamW(groups, lr=phase.lr, weight_decay=0.0)
 
     def start_phase(self, model, phase: Phase) -> None:
         """Called before a phase's optimiser is built."""

@@ -1,0 +1,140 @@
+"""AdamW that keeps bfloat16 parameters and moments unbiased: fp32 math, stochastic rounding back.
+
+`--alpha-dtype bf16` stores the gate logits alpha and their AdamW moments in bfloat16. Stepped the
+usual way (torch's AdamW in the parameter's dtype, rounding to nearest) most of an L0 stage's
+updates are lost: alpha starts at 5, where a bf16 step is 2**-5 = 0.031, and the L0 penalty's
+push on an entry whose task gradient is noisy is a small, steady Adam update (lr 0.1 times
+|m| / sqrt(v) of a few hundredths) that rounds back to the same value every step; likewise
+``v = 0.999 v + 0.001 g**2`` only moves when g**2 > ~3v, so the denominator only ratchets up.
+Measured on RTE (MiniLM, 3 epochs): the gates stayed at 98.7% expected density against 6.0% in
+fp32. Here a bf16 tensor is stepped in fp32 (chunk by chunk: no full-size fp32 copy) and
+written back with *stochastic rounding*: x rounds up with probability equal to its distance from
+the value below, so E[round(x)] = x and small updates accumulate as they do in fp32 (the remedy of
+Zamirai et al. 2020, "Revisiting BFloat16 Training", and torchao's bf16 AdamW). The first moment
+changes by 10% of itself per step and keeps round-to-nearest.
+
+The random bits are a function of (seed, step, tensor): a resumed run draws the ones it would
+have drawn, with no generator state to checkpoint. fp32 tensors take torch's AdamW (fused where
+the groups ask for it), and the state has torch's layout (``step``, ``exp_avg``, ``exp_avg_sq``),
+so state_dict / load_state_dict and the checkpoints are unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_CHUNK = 1 << 20
+_LOW = (torch.bfloat16,)
+
+
+class _Noise:
+    """Uniform random int32 words from a stream keyed by (seed, step, tensor). On CPU numpy's PCG64
+    (``random_raw``: ~4x faster than torch's Mersenne Twister ``randint`` here), elsewhere torch's
+    generator of the device."""
+
+    def __init__(self, key: tuple[int, ...], device: torch.device):
+        self.device = device
+        if device.type == "cpu":
+            self.rng = np.random.PCG64(np.random.SeedSequence(list(key)))
+        else:
+            self.gen = torch.Generator(device=device)
+            self.gen.manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1))
+
+    def int32(self, n: int) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return torch.from_numpy(self.rng.random_raw((n + 1) // 2).view(np.int32)[:n])
+        return torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int32, device=self.device, generator=self.gen)
+
+
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, noise: torch.Tensor) -> None:
+    """dst (bfloat16) = src (float32, consumed) rounded up or down at random, unbiased.
+
+    `noise`: int32 uniform in [0, 2**16) of src's shape. Adding it to the 16 bits bf16 drops and
+    truncating rounds the magnitude up with probability (dropped bits) / 2**16."""
+    bits = src.view(torch.int32)
+    bits.add_(noise).bitwise_and_(-65536)
+    dst.copy_(src)  # exact: the dropped bits are now 0
+
+
+@torch.no_grad()
+def add_stochastic_(acc: torch.Tensor, x: torch.Tensor, key: tuple[int, ...]) -> None:
+    """acc (bfloat16) += x, summed in fp32 and rounded back stochastically (unbiased: a long sum of
+    small terms keeps them, where round-to-nearest drops every term under half a step of the
+    running total). `key` selects the random stream (deterministic)."""
+    noise = _Noise(key, acc.device)
+    flat_a, flat_x = acc.view(-1), x.reshape(-1)
+    for start in range(0, flat_a.numel(), _CHUNK):
+        sl = slice(start, start + _CHUNK)
+        total = flat_a[sl].float().add_(flat_x[sl])
+        stochastic_round_(flat_a[sl], total, noise.int32(total.numel()).bitwise_and_(0xFFFF))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # a DTensor shard (FSDP): step the local part
+
+
+class AdamW(torch.optim.AdamW):
+    """torch.optim.AdamW, except that bfloat16 parameters are stepped in fp32 and rounded back
+    stochastically (see the module docstring). A tensor's random bits are keyed by (`seed`, step,
+    `first_index` + its index in the groups): `diffprune.lean.OptimizerInBackward`, one optimiser
+    per tensor, passes each tensor's index so that it draws what one optimiser over all would."""
+
+    def __init__(self, params, *args, seed: int = 0, first_index: int = 0, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        self.seed = seed
+        self.first_index = first_index
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        low, held = [], []
+        index = self.first_index
+        for group in self.param_groups:
+            params = group["params"]
+            lows = [(i + index, p) for i, p in enumerate(params) if p.dtype in _LOW]
+            index += len(params)
+            if lows:
+                if group.get("amsgrad") or group.get("maximize"):
+                    raise ValueError("diffprune.optim.AdamW: amsgrad / maximize are not supported for bfloat16 parameters")
+                held.append((group, params))
+                group["params"] = [p for p in params if p.dtype not in _LOW]
+                low += [(group, i, p) for i, p in lows if p.grad is not None]
+        try:
+            loss = super().step(closure) if any(g["params"] for g in self.param_groups) else (
+                None if closure is None else closure())
+        finally:
+            for group, params in held:
+                group["params"] = params
+        for group, i, p in low:
+            self._step_low(group, i, p)
+        return loss
+
+    def _step_low(self, group: dict, index: int, p: torch.Tensor) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        step = int(state["step"].item())
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
+        step_size = lr / (1 - beta1 ** step)
+        bc2_sqrt = (1 - beta2 ** step) ** 0.5
+        noise = _Noise((self.seed, step, index), _local(p).device)
+        flat_p, flat_g = _local(p).view(-1), _local(p.grad).reshape(-1)
+        flat_m, flat_v = _local(state["exp_avg"]).view(-1), _local(state["exp_avg_sq"]).view(-1)
+        for start in range(0, flat_p.numel(), _CHUNK):
+            sl = slice(start, start + _CHUNK)
+            g = flat_g[sl].float()
+            m = flat_m[sl].float().lerp_(g, 1 - beta1)
+            v = flat_v[sl].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            x = flat_p[sl].float()
+            if wd:
+                x.mul_(1 - lr * wd)
+            denom = v.sqrt().div_(bc2_sqrt).add_(eps)
+            x.addcdiv_(m, denom, value=-step_size)
+            r = noise.int32(g.numel())
+            flat_m[sl].copy_(m)
+            stochastic_round_(flat_p[sl], x, r & 0xFFFF)
+            stochastic_round_(flat_v[sl], v, r.bitwise_right_shift_(16).bitwise_and_(0xFFFF))

@@ -1,0 +1,127 @@
+"""diffprune.optim.AdamW: torch's AdamW for fp32 tensors, unbiased stochastic rounding for bf16 ones
+(the gate logits of `--alpha-dtype bf16`), deterministic and resumable."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from diffprune import DiffModel, DiffPruningConfig
+from diffprune.lean import OptimizerInBackward
+from diffprune.optim import AdamW, add_stochastic_, stochastic_round_
+
+from .tiny_models import bert_batch, tiny_bert
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
+    x = torch.full((200_000,), 5.01)  # between the bf16 values 5.0 and 5.03125
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    stochastic_round_(out, x.clone(), torch.randint(0, 1 << 16, x.shape, dtype=torch.int32,
+                                                    generator=torch.Generator().manual_seed(0)))
+    assert set(out.float().unique().tolist()) == {5.0, 5.03125}
+    assert out.float().mean().item() == pytest.approx(5.01, abs=2e-4)  # round-to-nearest gives 5.0
+    neg = torch.full((200_000,), -5.01)
+    stochastic_round_(out, neg.clone(), torch.randint(0, 1 << 16, x.shape, dtype=torch.int32,
+                                                      generator=torch.Generator().manual_seed(1)))
+    assert out.float().mean().item() == pytest.approx(-5.01, abs=2e-4)
+    exact = torch.tensor([5.0, -0.25, 0.0])
+    stochastic_round_(out[:3], exact.clone(), torch.full((3,), 65535, dtype=torch.int32))
+    assert out[:3].float().tolist() == [5.0, -0.25, 0.0]  # representable values never move
+
+
+def test_a_long_bf16_sum_keeps_its_small_terms():
+    """The candidate importance sum: 1,000 terms of 1.0 into bfloat16. Rounded to nearest it stops at
+    256 (256 + 1 is a tie between 256 and 258, broken to even); stochastically it reaches ~1,000."""
+    nearest = torch.zeros(4096, dtype=torch.bfloat16)
+    ours = torch.zeros(4096, dtype=torch.bfloat16)
+    one = torch.ones(4096)
+    for step in range(1000):
+        nearest.add_(one)
+        add_stochastic_(ours, one, key=(step, 0))
+    assert torch.all(nearest == 256)
+    assert ours.float().mean().item() == pytest.approx(1000, rel=0.01)
+    again = torch.zeros(4096, dtype=torch.bfloat16)
+    for step in range(1000):
+        add_stochastic_(again, one, key=(step, 0))
+    assert torch.equal(again, ours)  # deterministic in its key
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fp32_tensors_step_exactly_as_torch_adamw(fused):
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(3000))
+    b = torch.nn.Parameter(a.detach().clone())
+    ref = torch.optim.AdamW([a], lr=1e-2, weight_decay=0.01, fused=fused)
+    ours = AdamW([b], lr=1e-2, weight_decay=0.01, fused=fused)
+    for _ in range(4):
+        g = torch.randn(3000)
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        ours.step()
+    assert torch.equal(a, b)
+
+
+def _drift(opt_cls, dtype, steps=300, **kw):
+    """Adam on 4096 entries at 5.0 with a small steady gradient under noise (the L0 penalty's push on a
+    gate logit whose task gradient is noisy): every update is below half a bf16 step at 5.0."""
+    p = torch.nn.Parameter(torch.full((4096,), 5.0, dtype=dtype))
+    opt = opt_cls([p], lr=0.01, weight_decay=0.0, **kw)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        p.grad = (0.2 + torch.randn(4096, generator=gen)).to(dtype)
+        opt.step()
+    return p.detach().float()
+
+
+def test_bf16_tensors_follow_fp32_where_round_to_nearest_stalls():
+    fp32 = _drift(torch.optim.AdamW, torch.float32).mean().item()
+    nearest = _drift(torch.optim.AdamW, torch.bfloat16)
+    ours = _drift(AdamW, torch.bfloat16)
+    assert fp32 < 5.0 - 0.3  # fp32 Adam moves the entries down
+    assert abs(nearest.mean().item() - 5.0) < 0.05 * (5.0 - fp32)  # round to nearest: (almost) every update lost
+    assert ours.mean().item() == pytest.approx(fp32, abs=0.03)  # stochastic rounding: the fp32 path on average
+    assert ours.std().item() > 0  # entries round independently
+
+
+def _bf16_model():
+    return DiffModel(tiny_bert(), DiffPruningConfig(alpha_dtype="bf16", l0_lambda=1e-3, structured=True)).train()
+
+
+def _train(dm, opt, seeds):
+    for s in seeds:
+        torch.manual_seed(100 + s)
+        dm(**bert_batch(dm.model, seed=s)).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _trainable(dm):
+    return {n: p.detach().clone() for n, p in dm.named_parameters() if p.requires_grad}
+
+
+def test_bf16_gate_logits_resume_and_in_backward_draw_the_same_bits():
+    a = _bf16_model()
+    b, c = copy.deepcopy(a), copy.deepcopy(a)
+    alphas = [p for n, p in a.named_parameters() if n.endswith("alpha")]
+    assert alphas and all(p.dtype == torch.bfloat16 for p in alphas)
+    opt_a = AdamW(a.param_groups(lr=1e-2, alpha_lr=0.1, fused=False), weight_decay=0.0)
+    _train(a, opt_a, range(3))
+    # resumed after 2 steps from a state_dict: the same tensors, bit for bit
+    opt_b = AdamW(b.param_groups(lr=1e-2, alpha_lr=0.1, fused=False), weight_decay=0.0)
+    _train(b, opt_b, range(2))
+    state = copy.deepcopy(opt_b.state_dict())
+    opt_b2 = AdamW(b.param_groups(lr=1e-2, alpha_lr=0.1, fused=False), weight_decay=0.0)
+    opt_b2.load_state_dict(state)
+    _train(b, opt_b2, [2])
+    # stepped inside backward, one optimiser per tensor: the same random bits as one optimiser over all
+    oib = OptimizerInBackward(c.param_groups(lr=1e-2, alpha_lr=0.1, fused=False), max_grad_norm=None, weight_decay=0.0)
+    _train(c, oib, range(3))
+    ref = _trainable(a)
+    assert any(not torch.all(p == 5.0) for n, p in ref.items() if n.endswith("alpha"))
+    for other in (b, c):
+        got = _trainable(other)
+        assert got.keys() == ref.keys()
+        for n in ref:
+            torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-7, msg=f"{n} ({'resumed' if other is b else 'in backward'})")
