@@ -124,17 +124,25 @@ class AdamW(torch.optim.AdamW):
         noise = _Noise((self.seed, step, index), _local(p).device)
         flat_p, flat_g = _local(p).view(-1), _local(p.grad).reshape(-1)
         flat_m, flat_v = _local(state["exp_avg"]).view(-1), _local(state["exp_avg_sq"]).view(-1)
+        scalars = torch.tensor([1 - beta1, beta2, 1 - beta2, step_size, bc2_sqrt, eps, 1 - lr * wd],
+                               dtype=torch.float32, device=flat_p.device)
         for start in range(0, flat_p.numel(), _CHUNK):
             sl = slice(start, start + _CHUNK)
-            g = flat_g[sl].float()
-            m = flat_m[sl].float().lerp_(g, 1 - beta1)
-            v = flat_v[sl].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            x = flat_p[sl].float()
-            if wd:
-                x.mul_(1 - lr * wd)
-            denom = v.sqrt().div_(bc2_sqrt).add_(eps)
-            x.addcdiv_(m, denom, value=-step_size)
-            r = noise.int32(g.numel())
+            x, m, v = adamw_bf16_chunk(flat_p[sl], flat_g[sl], flat_m[sl], flat_v[sl], scalars)
+            r = noise.int32(x.numel())
             flat_m[sl].copy_(m)
             stochastic_round_(flat_p[sl], x, r & 0xFFFF)
             stochastic_round_(flat_v[sl], v, r.bitwise_right_shift_(16).bitwise_and_(0xFFFF))
+
+
+def adamw_bf16_chunk(p, g, m, v, s):
+    """One chunk of the bf16 AdamW step in fp32: (p, m, v) in, (new p in fp32, new m in bf16, new v in
+    fp32) out; p and v are then rounded stochastically (`stochastic_round_`, in place).
+    s = [1 - beta1, beta2, 1 - beta2, lr / bias_correction1, sqrt(bias_correction2), eps, 1 - lr * wd]
+    (float32 tensor). Eager: ~10 ns per entry on this CPU against fused fp32 AdamW's ~0.8 (a
+    torch.compile of it measured 5.6 ns, not worth a 30 s compile and bits that differ from eager)."""
+    gf = g.float()
+    mf = m.float().lerp(gf, s[0])
+    vf = v.float() * s[1] + gf * gf * s[2]
+    x = p.float() * s[6] - s[3] * mf / (vf.sqrt() / s[4] + s[5])
+    return x, mf.to(torch.bfloat16), vf

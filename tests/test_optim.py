@@ -125,3 +125,4 @@ def test_bf16_gate_logits_resume_and_in_backward_draw_the_same_bits():
         assert got.keys() == ref.keys()
         for n in ref:
             torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-7, msg=f"{n} ({'resumed' if other is b else 'in backward'})")
+
