@@ -185,3 +185,25 @@ def test_saved_files_get_the_umask_permissions_not_mkstemp_0600(saved):
     path, _, _ = saved
     for name in (DIFF_FILE, "diff_config.json"):
         assert (path / name).stat().st_mode & 0o777 == 0o666 & ~_io._UMASK
+
+
+def test_kept_decoded_positions_apply_and_revert_the_same_bits(saved, bert_batch):
+    path, pristine, _ = saved
+    plain, kept = SparseDiff.load(path), SparseDiff.load(path).keep_decoded_positions()
+    a, b = copy.deepcopy(pristine), copy.deepcopy(pristine)
+    plain.apply_(a)
+    kept.apply_(b)  # decodes, and keeps the positions
+    cache = kept.indices._decoded
+    nonzero = [n for n in kept.indices if kept.nnz_of(n)]
+    assert sorted(cache) == sorted(nonzero) and all(cache[n].dtype == torch.int64 for n in cache)
+    assert all(torch.equal(cache[n], plain.indices[n]) for n in nonzero)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), n
+    kept.revert_(b)
+    kept.apply_(b)  # from the kept positions
+    torch.testing.assert_close(b(**bert_batch).logits, a(**bert_batch).logits, rtol=0, atol=0)
+    kept.revert_(b)
+    for (n, p0), pb in zip(pristine.named_parameters(), b.parameters()):
+        assert torch.equal(p0, pb), n  # bit-exact revert
+    kept.keep_decoded_positions(False)
+    assert kept.indices._decoded is None
