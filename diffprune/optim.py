@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_CHUNK = 1 << 20
+_CHUNK = 1 << 17  # 512 KiB of fp32: a chunk's ~20 passes stay in cache (1.6x faster than 1 << 20 here)
 _LOW = (torch.bfloat16,)
 
 
@@ -139,7 +139,7 @@ def adamw_bf16_chunk(p, g, m, v, s):
     """One chunk of the bf16 AdamW step in fp32: (p, m, v) in, (new p in fp32, new m in bf16, new v in
     fp32) out; p and v are then rounded stochastically (`stochastic_round_`, in place).
     s = [1 - beta1, beta2, 1 - beta2, lr / bias_correction1, sqrt(bias_correction2), eps, 1 - lr * wd]
-    (float32 tensor). Eager: ~10 ns per entry on this CPU against fused fp32 AdamW's ~0.8 (a
+    (float32 tensor). Eager: ~8 ns per entry on this CPU against fused fp32 AdamW's ~0.8 (a
     torch.compile of it measured 5.6 ns, not worth a 30 s compile and bits that differ from eager)."""
     gf = g.float()
     mf = m.float().lerp(gf, s[0])
