@@ -136,7 +136,7 @@ class DiffMethod(Method):
         # positions) on the fraction c only, after a warm-up holding 2-byte scores for every entry.
         opts = _options(cfg)
         grads = 0 if opts["optimizer_in_backward"] else 1
-        w = 4 * (1 + grads) + 8
+        w = 4 * (1 + grads) + (4 if opts["moments_dtype"] == "bf16" else 8)
         a = (2 if opts["alpha_dtype"] == "bf16" else 4) if self.use_gates else 0
         alpha = a * (1 + grads) + 2 * a
         effective = 0 if opts["recompute_weights"] else 4
@@ -194,7 +194,10 @@ class DiffMethod(Method):
 
     def param_groups(self, model, phase, cfg):
         head_lr = (cfg.head_lr or phase.lr) if phase.name == "l0" else phase.lr
-        return model.param_groups(lr=phase.lr, alpha_lr=cfg.alpha_lr, head_lr=head_lr)
+        groups = model.param_groups(lr=phase.lr, alpha_lr=cfg.alpha_lr, head_lr=head_lr)
+        if phase.name == "l0" and _options(cfg)["moments_dtype"] == "bf16":
+            groups[0]["state_dtype"] = "bf16"  # w's group (`DiffModel.param_groups` puts it first)
+        return groups
 
     def start_phase(self, model, phase):
         if phase.name == "fixed":

@@ -70,13 +70,19 @@ def add_stochastic_(acc: torch.Tensor, x: torch.Tensor, key: tuple[int, ...]) ->
         stochastic_round_(flat_a[sl], total, noise.int32(total.numel()).bitwise_and_(0xFFFF))
 
 
+def _low(group: dict, p: torch.Tensor) -> bool:
+    """Whether `p` takes the bf16 path: a bf16 tensor, or a group asking for bf16 moments."""
+    return p.dtype in _LOW or group.get("state_dtype") == "bf16"
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t  # a DTensor shard (FSDP): step the local part
 
 
 class AdamW(torch.optim.AdamW):
     """torch.optim.AdamW, except that bfloat16 parameters are stepped in fp32 and rounded back
-    stochastically (see the module docstring). A tensor's random bits are keyed by (`seed`, step,
+    stochastically (see the module docstring), and so are the moments of a group with
+    ``"state_dtype": "bf16"`` (fp32 parameters with bf16 moments: 4 bytes per entry instead of 8). A tensor's random bits are keyed by (`seed`, step,
     `first_index` + its index in the groups): `diffprune.lean.OptimizerInBackward`, one optimiser
     per tensor, passes each tensor's index so that it draws what one optimiser over all would."""
 
@@ -85,19 +91,29 @@ class AdamW(torch.optim.AdamW):
         self.seed = seed
         self.first_index = first_index
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # (torch casts moments to each parameter's dtype)
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and _low(group, p):
+                    for k in ("exp_avg", "exp_avg_sq"):
+                        if k in st:
+                            st[k] = st[k].to(torch.bfloat16)
+
     @torch.no_grad()
     def step(self, closure=None):
         low, held = [], []
         index = self.first_index
         for group in self.param_groups:
             params = group["params"]
-            lows = [(i + index, p) for i, p in enumerate(params) if p.dtype in _LOW]
+            lows = [(i + index, p) for i, p in enumerate(params) if _low(group, p)]
             index += len(params)
             if lows:
                 if group.get("amsgrad") or group.get("maximize"):
                     raise ValueError("diffprune.optim.AdamW: amsgrad / maximize are not supported for bfloat16 parameters")
                 held.append((group, params))
-                group["params"] = [p for p in params if p.dtype not in _LOW]
+                group["params"] = [p for p in params if not _low(group, p)]
                 low += [(group, i, p) for i, p in lows if p.grad is not None]
         try:
             loss = super().step(closure) if any(g["params"] for g in self.param_groups) else (
@@ -113,8 +129,8 @@ class AdamW(torch.optim.AdamW):
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.preserve_format)
         state["step"] += 1
         step = int(state["step"].item())
         beta1, beta2 = group["betas"]
@@ -131,8 +147,14 @@ class AdamW(torch.optim.AdamW):
             x, m, v = adamw_bf16_chunk(flat_p[sl], flat_g[sl], flat_m[sl], flat_v[sl], scalars)
             r = noise.int32(x.numel())
             flat_m[sl].copy_(m)
-            stochastic_round_(flat_p[sl], x, r & 0xFFFF)
-            stochastic_round_(flat_v[sl], v, r.bitwise_right_shift_(16).bitwise_and_(0xFFFF))
+            if flat_p.dtype == torch.bfloat16:
+                stochastic_round_(flat_p[sl], x, r & 0xFFFF)
+            else:  # an fp32 tensor with bf16 moments (`state_dtype`)
+                flat_p[sl].copy_(x)
+            if flat_v.dtype == torch.bfloat16:
+                stochastic_round_(flat_v[sl], v, r.bitwise_right_shift_(16).bitwise_and_(0xFFFF))
+            else:
+                flat_v[sl].copy_(v)
 
 
 def adamw_bf16_chunk(p, g, m, v, s):

@@ -158,6 +158,7 @@ def test_state_estimate_follows_the_memory_options():
     base = TrainConfig(output_dir="x")
     assert m.state_bytes_per_parameter(base) == 36
     assert m.state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean")) == 4 + 8 + 2 + 4
+    assert m.state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean", moments_dtype="bf16")) == 4 + 4 + 2 + 4
     assert m.state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean", candidates=0.05)) == 2.0
     assert get_method("full").state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean")) == 8
 
@@ -166,7 +167,7 @@ def test_train_lean_with_candidates_end_to_end_and_resume(tmp_path, tiny_base, g
     from diffprune.training import checkpoints
 
     kw = dict(task="rte", data_dir=str(glue), model=str(tiny_base), method="structured", memory="lean",
-              candidates=0.1, candidate_warmup_steps=3, target_sparsity=0.02, max_train_samples=64,
+              moments_dtype="bf16", candidates=0.1, candidate_warmup_steps=3, target_sparsity=0.02, max_train_samples=64,
               max_eval_samples=24, epochs=2, fixmask_epochs=1, batch_size=16, max_seq_length=32, progress=False,
               save_steps=2)
     ref = train(TrainConfig(output_dir=str(tmp_path / "ref"), **kw))

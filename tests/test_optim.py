@@ -126,3 +126,30 @@ def test_bf16_gate_logits_resume_and_in_backward_draw_the_same_bits():
         for n in ref:
             torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-7, msg=f"{n} ({'resumed' if other is b else 'in backward'})")
 
+
+
+def test_fp32_tensors_with_bf16_moments_follow_fp32_adamw_and_resume_identically():
+    torch.manual_seed(0)
+    ref = torch.nn.Parameter(torch.randn(5000) * 1e-3)
+    start = ref.detach().clone()
+    ours = torch.nn.Parameter(ref.detach().clone())
+    again = torch.nn.Parameter(ref.detach().clone())
+    o_ref = torch.optim.AdamW([ref], lr=1e-3, weight_decay=0.0)
+    o_ours = AdamW([{"params": [ours], "state_dtype": "bf16"}], lr=1e-3, weight_decay=0.0)
+    o_again = AdamW([{"params": [again], "state_dtype": "bf16"}], lr=1e-3, weight_decay=0.0)
+    grads = [torch.randn(5000, generator=torch.Generator().manual_seed(s)) + 0.3 for s in range(6)]
+    for i, g in enumerate(grads):
+        ref.grad, ours.grad, again.grad = g.clone(), g.clone(), g.clone()
+        o_ref.step()
+        o_ours.step()
+        if i == 2:  # resume the third optimiser from its state_dict
+            state = copy.deepcopy(o_again.state_dict())
+            o_again = AdamW([{"params": [again], "state_dtype": "bf16"}], lr=1e-3, weight_decay=0.0)
+            o_again.load_state_dict(state)
+            assert o_again.state[again]["exp_avg"].dtype == torch.bfloat16  # not cast up to the parameter's
+        o_again.step()
+    st = o_ours.state[ours]
+    assert ours.dtype == torch.float32 and st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16
+    d_ref, d_ours = ref.detach() - start, ours.detach() - start
+    assert (d_ours - d_ref).abs().max() < 0.01 * d_ref.abs().max()  # the steps, within bf16 moments' rounding
+    assert torch.equal(ours, again)
