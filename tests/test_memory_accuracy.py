@@ -39,3 +39,29 @@ def test_memory_accuracy_grid_on_a_tiny_model(tmp_path, tiny_base, glue):
     assert out == 0
     assert json.loads((results / "memory_accuracy.json").read_text())["records"] == payload["records"]
     assert not list(fresh.glob("*/rte-structured-s0/run.json"))  # records only, no runs
+
+
+def test_a_superseded_configuration_stays_in_the_report(tmp_path):
+    """A record of code since replaced (lean before stochastic rounding) is restored and reported beside the
+    configuration that replaced it, and cannot be run again."""
+    import memory_accuracy
+    import pytest
+
+    results, work = tmp_path / "results", tmp_path / "work"
+    results.mkdir()
+    record = {"config": "lean_nearest", "task": "rte", "method": "structured", "seed": 0, "score": 49.8,
+              "metrics": {"accuracy": 0.498}, "stages": {"final": 49.8, "first_stage": 56.3,
+                                                         "first_stage_density": 0.987, "after_projection": 49.8},
+              "train_seconds": 60.0, "settings": {"memory": "lean"}, "date": "2026-12-06 12:05 UTC",
+              "machine": {}, "versions": {}, "nnz": 1, "stored_bytes": 1}
+    (results / "memory_accuracy.json").write_text(json.dumps({"records": [record]}))
+    args = ["--tasks", "rte", "--work-dir", str(work), "--results-dir", str(results)]
+    assert memory_accuracy.main(["report", *args]) == 0
+    assert (work / "lean_nearest" / "rte-structured-s0" / "benchmark_record.json").exists()
+    payload = json.loads((results / "memory_accuracy.json").read_text())
+    assert [(r["config"], r["score"]) for r in payload["records"]] == [("lean_nearest", 49.8)]
+    text = (results / "memory_accuracy.md").read_text()
+    row = next(line for line in text.splitlines() if "rounded to nearest" in line)
+    assert "| 49.8 |" in row
+    with pytest.raises(SystemExit):
+        memory_accuracy.main(["run", "--configs", "lean_nearest", *args])
