@@ -41,9 +41,24 @@ class _Noise:
             self.gen = torch.Generator(device=device)
             self.gen.manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1))
 
+        self._odd = False
+
+    def skip(self, n: int) -> "_Noise":
+        """Start at word n of the stream (CPU): the words a shard of a tensor draws are then the ones
+        the whole tensor draws at its positions (FSDP runs step as one process does)."""
+        if n and self.device.type == "cpu":
+            self.rng.advance(n // 2)
+            self._odd = bool(n % 2)
+        return self
+
     def int32(self, n: int) -> torch.Tensor:
         if self.device.type == "cpu":
-            return torch.from_numpy(self.rng.random_raw((n + 1) // 2).view(np.int32)[:n])
+            start = int(self._odd)
+            self._odd = (start + n) % 2 == 1
+            words = self.rng.random_raw((start + n + 1) // 2).view(np.int32)[start:start + n]
+            if self._odd:  # the last raw draw's second word is the next call's first: step back one draw
+                self.rng.advance(-1)
+            return torch.from_numpy(words)
         return torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int32, device=self.device, generator=self.gen)
 
 
@@ -62,7 +77,8 @@ def add_stochastic_(acc: torch.Tensor, x: torch.Tensor, key: tuple[int, ...]) ->
     """acc (bfloat16) += x, summed in fp32 and rounded back stochastically (unbiased: a long sum of
     small terms keeps them, where round-to-nearest drops every term under half a step of the
     running total). `key` selects the random stream (deterministic)."""
-    noise = _Noise(key, acc.device)
+    noise = _Noise(key, _local(acc).device).skip(_flat_offset(acc))
+    acc, x = _local(acc), _local(x)
     flat_a, flat_x = acc.view(-1), x.reshape(-1)
     for start in range(0, flat_a.numel(), _CHUNK):
         sl = slice(start, start + _CHUNK)
@@ -77,6 +93,20 @@ def _low(group: dict, p: torch.Tensor) -> bool:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t  # a DTensor shard (FSDP): step the local part
+
+
+def _flat_offset(t: torch.Tensor) -> int:
+    """Where a DTensor shard starts in its whole tensor, flattened (0 for a plain tensor)."""
+    if not hasattr(t, "to_local") or t.dim() == 0:
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    stride, flat = 1, 0
+    for size, o in zip(reversed(t.shape), reversed(offset)):
+        flat += o * stride
+        stride *= size
+    return flat
 
 
 class AdamW(torch.optim.AdamW):
@@ -137,7 +167,7 @@ class AdamW(torch.optim.AdamW):
         lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
         step_size = lr / (1 - beta1 ** step)
         bc2_sqrt = (1 - beta2 ** step) ** 0.5
-        noise = _Noise((self.seed, step, index), _local(p).device)
+        noise = _Noise((self.seed, step, index), _local(p).device).skip(_flat_offset(p))
         flat_p, flat_g = _local(p).view(-1), _local(p.grad).reshape(-1)
         flat_m, flat_v = _local(state["exp_avg"]).view(-1), _local(state["exp_avg_sq"]).view(-1)
         scalars = torch.tensor([1 - beta1, beta2, 1 - beta2, step_size, bc2_sqrt, eps, 1 - lr * wd],

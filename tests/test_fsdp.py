@@ -166,3 +166,15 @@ def test_memory_estimate_adds_weights_not_in_memory_and_activations(monkeypatch)
                        gradient_checkpointing=True)
     assert memory.activation_bytes(llama, ckpt) == 3 * 4 * 2 * 256 * 64 + per_layer + 12 * 2 * 256 * 1000
     assert memory.activation_bytes(torch.nn.Linear(4, 4), cfg) == 0  # no transformer shape: not estimated
+
+
+def test_fsdp_bf16_gate_logits_round_with_the_one_process_bits(tmp_path, base, glue):
+    """bf16 gate logits and moments are rounded stochastically with random bits keyed by position: each
+    rank's shard draws the words the whole tensor draws there, so the two-rank run keeps the one-process
+    run's positions in every tensor (values within bf16 rounding: a gradient summed in another order can
+    flip a rounding)."""
+    common = {**RUN, "data_dir": str(glue), "model": str(base), "alpha_dtype": "bf16", "moments_dtype": "bf16"}
+    train(TrainConfig(output_dir=str(tmp_path / "one"), batch_size=16, **common))
+    done = _torchrun({**common, "output_dir": str(tmp_path / "two"), "batch_size": 8})
+    assert done.returncode == 0, done.stderr[-4000:]
+    _assert_same_diff(tmp_path / "one", tmp_path / "two", rtol=1e-2)
