@@ -89,7 +89,8 @@ SUMMARY_SUFFIX = {"fixed": "fixmask"}
 # --quick: the four headline ratios and LoRA's widest configuration; the structured L0 stage and
 # lora_qv8 are left to full runs (one worker fewer each to start and measure)
 QUICK_CONFIGS = ("full", "l0", "fixed", "lora_all32", "l0_lean", "candidates")
-MODELS = ("minilm", "bert-base", "tiny", "llama-tiny", "llama-0.5b", "llama-1b")
+DTYPES = {"fp32": None, "bf16": "bfloat16"}
+MODELS = ("minilm", "bert-base", "tiny", "llama-tiny", "llama-0.5b", "llama-1b", "llama-3b")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,6 +126,10 @@ LLAMA_SHAPES = {
     "llama-1b": dict(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, intermediate_size=8192, max_position_embeddings=131072,
                      rope_theta=500000.0, tie_word_embeddings=True),
+    # Llama-3.2-3B's shapes: 3,212,749,824 parameters (6.0 GiB in bf16); for a GPU (--dtype bf16)
+    "llama-3b": dict(vocab_size=128256, hidden_size=3072, num_hidden_layers=28, num_attention_heads=24,
+                     num_key_value_heads=8, intermediate_size=8192, max_position_embeddings=131072,
+                     rope_theta=500000.0, tie_word_embeddings=True),
 }
 
 
@@ -151,6 +156,14 @@ def build_model(name: str, num_labels: int = 2):
         shape.setdefault("tie_word_embeddings", False)
         return LlamaForCausalLM(LlamaConfig(**shape))
     raise SystemExit(f"unknown model {name!r}: one of {', '.join(MODELS)}")
+
+
+def _dtype(args):
+    """The torch dtype of --dtype (None: leave the model in fp32)."""
+    import torch
+
+    name = DTYPES[getattr(args, "dtype", "fp32")]
+    return getattr(torch, name) if name else None
 
 
 def is_causal_lm(model) -> bool:
@@ -310,7 +323,7 @@ def worker_main(args) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    model = build_model(args.model).to(device)
+    model = build_model(args.model).to(device=device, dtype=_dtype(args))
     batch = make_batch(model, args.batch, args.seq_len, device)
     gc.collect()
     if cuda:
@@ -416,7 +429,7 @@ def profile_main(args) -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = build_model(args.model).to(device)
+    model = build_model(args.model).to(device=device, dtype=_dtype(args))
     batch = make_batch(model, args.batch, args.seq_len, device)
     module, opt, params = setup(args.profile, model, args.adamw, batch=batch)
 
@@ -530,7 +543,7 @@ class Worker:
     def __init__(self, config: str, args):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--model", args.model,
                "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--device", args.device,
-               "--threads", str(args.threads), "--adamw", args.adamw]
+               "--threads", str(args.threads), "--adamw", args.adamw, "--dtype", args.dtype]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                    TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(args.threads))
         self.config = config
@@ -640,6 +653,7 @@ def measure(args) -> dict:
     log(f"  full           {results['full']['step_time_s']:.3f} s/step, peak {peak['peak_bytes'] / 2**20:.0f} MiB")
     summary = {
         "model": args.model, "batch": args.batch, "seq_len": args.seq_len, "device": args.device,
+        "dtype": args.dtype,
         "threads": args.threads, "adamw": args.adamw, "steps_per_round": args.steps, "rounds": args.rounds,
         "seconds": round(time.time() - t_start, 1), "configs": results,
     }
@@ -671,6 +685,9 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: co-runners hit all alike)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                   help="the loaded model's dtype (bf16: every method on bf16 weights, as PEFT's method comparison "
+                        "trains; the diff state stays as each configuration keeps it; GPUs, CPUs are ~300x slower)")
     p.add_argument("--adamw", default="fused", choices=["default", "foreach", "fused"],
                    help="AdamW implementation, the same for every configuration")
     p.add_argument("--configs", nargs="+", default=None, choices=CONFIGS,
@@ -788,7 +805,8 @@ def render_md(data: dict, notes: str = "") -> str:
     for r in data["runs"].values():
         c = r["configs"]
         L += [f"## {r['model']}: batch {r['batch']}, sequence length {r['seq_len']}, {r['device']}, "
-              f"{r['threads']} thread(s) per worker" + (f" ({r['label']})" if r.get("label") else ""), ""]
+              + (f"{r['dtype']} weights, " if r.get("dtype", "fp32") != "fp32" else "")
+              + f"{r['threads']} thread(s) per worker" + (f" ({r['label']})" if r.get("label") else ""), ""]
         L += [f"- Command: `{r.get('command', '?')}`", f"- Date: {r.get('date', '?')}; took {r['seconds']:.0f} s"]
         m = r.get("machine", {})
         if m:

@@ -239,6 +239,32 @@ def test_benchmark_llama_tiny_causal_lm():
     assert losses[-1] < losses[0]
 
 
+def test_benchmark_bf16_llama_keeps_bf16_weights_and_each_configurations_own_state():
+    """--dtype bf16 (the GPU rows): the model's weights in bf16 for every method; the lean L0 stage with
+    bf16 moments keeps w in fp32, alpha and every moment in bf16, and trains."""
+    bench = _bench_module()
+
+    class Args:
+        dtype = "bf16"
+
+    model = bench.build_model("llama-tiny").to(dtype=bench._dtype(Args))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    batch = bench.make_batch(model, 2, 16, torch.device("cpu"))
+    module, opt, params = bench.setup("l0_lean_m16", model, "fused")
+    ws = [p for n, p in module.named_parameters() if n.endswith(".w")]
+    alphas = [p for n, p in module.named_parameters() if n.endswith(".alpha")]
+    assert ws and all(p.dtype == torch.float32 for p in ws) and all(p.dtype == torch.bfloat16 for p in alphas)
+    assert all(t.dtype == torch.bfloat16 for t in module._theta().values())
+    before = [p.detach().clone() for p in ws]
+    for _ in range(2):
+        module(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert any(not torch.equal(a, b) for a, b in zip(before, ws))
+    state = opt.state
+    assert {state[p]["exp_avg"].dtype for p in ws + alphas} == {torch.bfloat16}
+
+
 def test_benchmark_lora_qv_targets_by_module_name():
     """lora_qv8 finds the query/value pair by module name: BERT's query/value, Llama's q_proj/v_proj."""
     bench = _bench_module()
