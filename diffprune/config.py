@@ -99,6 +99,9 @@ class DiffPruningConfig:
     """Storage of the gate logits alpha (and so of their AdamW moments): "fp32" or "bf16" (half the
     bytes; the gate arithmetic still runs in float32, and `diffprune.optim.AdamW` steps bf16 logits in
     float32 and rounds them back stochastically, so small updates are not lost)."""
+    w_dtype: str = "fp32"
+    """Storage of the L0 stage's diff values w (and so of their AdamW moments): "fp32" or "bf16" (the gate
+    arithmetic runs in float32 either way; `diffprune.optim.AdamW` rounds bf16 updates stochastically)."""
     candidates: float | None = None
     """Candidate-restricted L0: the fraction c of diffed entries (chosen by an importance warm-up,
     `diffprune.candidates`) that get w and alpha; None = every entry (the paper's dense L0 stage)."""
@@ -120,6 +123,8 @@ class DiffPruningConfig:
             )
         if self.alpha_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"alpha_dtype={self.alpha_dtype!r} is not one of fp32, bf16")
+        if self.w_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"w_dtype={self.w_dtype!r} is not one of fp32, bf16")
         c = self.candidates
         if c is not None:
             if not isinstance(c, (int, float)) or isinstance(c, bool) or math.isnan(c) or not (0.0 < c < 1.0):

@@ -105,6 +105,12 @@ def _block_size(n: int, device: torch.device) -> int:
     return max(1, min(n, _CPU_BLOCK if device.type == "cpu" else _DEVICE_BLOCK))
 
 
+def compute_dtype(w: torch.Tensor) -> torch.dtype:
+    """The dtype the gate arithmetic of `w` runs in: float32 for a bf16 / fp16 w (`--w-dtype bf16`),
+    else w's own."""
+    return torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
+
+
 def _generator(seed: int, device) -> _Noise:
     return _Noise(seed, device)
 
@@ -135,13 +141,14 @@ class GatedDiff(torch.autograd.Function):
     def forward(ctx, theta, w, alpha, alpha_group, seed: int, l: float, r: float, with_l0: bool = False):
         device, n = w.device, w.numel()
         z_g = sample_gate(alpha_group, l, r, seed + 1_000_003) if alpha_group is not None else None
-        same = theta.dtype == w.dtype
+        cdt = compute_dtype(w)
+        same = theta.dtype == cdt
         out = torch.empty(theta.shape, dtype=theta.dtype, device=device)
         of, tf, wf, af = out.view(-1), theta.reshape(-1), w.reshape(-1), alpha.reshape(-1)
         bs = _block_size(n, device)
-        tmp = None if same else torch.empty(bs, dtype=w.dtype, device=device)
-        scratch = torch.empty(bs, dtype=w.dtype, device=device) if with_l0 else None
-        sums = torch.empty(-(-n // bs), dtype=w.dtype, device=device) if with_l0 else None
+        tmp = None if same else torch.empty(bs, dtype=cdt, device=device)
+        scratch = torch.empty(bs, dtype=cdt, device=device) if with_l0 else None
+        sums = torch.empty(-(-n // bs), dtype=cdt, device=device) if with_l0 else None
         c = log_ratio(l, r)
         gen = _generator(seed, device)
         for k, i in enumerate(range(0, n, bs)):
@@ -160,7 +167,7 @@ class GatedDiff(torch.autograd.Function):
         ctx.save_for_backward(w, alpha, alpha_group)
         ctx.seed, ctx.l, ctx.r = seed, l, r
         ctx.set_materialize_grads(False)
-        expected = sums.sum() if with_l0 else torch.zeros((), dtype=w.dtype, device=device)
+        expected = sums.sum() if with_l0 else torch.zeros((), dtype=cdt, device=device)
         if not with_l0:
             ctx.mark_non_differentiable(expected)
         return out, expected
@@ -181,20 +188,21 @@ class GatedDiff(torch.autograd.Function):
         grad_group = None
         af, wf = alpha.reshape(-1), w.reshape(-1)
         bs = _block_size(n, device)
-        scratch = torch.empty(bs, dtype=w.dtype, device=device)
+        cdt = compute_dtype(w)
+        scratch = torch.empty(bs, dtype=cdt, device=device)
         c = log_ratio(l, r)
         gates_part = grad_out is not None and (need_w or need_alpha or need_group)
         l0_part = grad_expected is not None and need_alpha
         gen = _generator(seed, device)
         if gates_part:
-            g = grad_out.to(w.dtype).contiguous().view(-1)
-            s_buf = torch.empty(bs, dtype=w.dtype, device=device)
-            z_buf = torch.empty(bs, dtype=w.dtype, device=device)
+            g = grad_out.to(cdt).contiguous().view(-1)
+            s_buf = torch.empty(bs, dtype=cdt, device=device)
+            z_buf = torch.empty(bs, dtype=cdt, device=device)
             lo, hi = -l / (r - l), (1.0 - l) / (r - l)
             if alpha_group is not None:
                 z_g, slope_g = _gate_and_slope(alpha_group, l, r, seed + 1_000_003)
                 scale = z_g * (r - l)
-                gzw = torch.empty(-(-n // bs), dtype=w.dtype, device=device) if need_group else None
+                gzw = torch.empty(-(-n // bs), dtype=cdt, device=device) if need_group else None
             else:
                 z_g, scale, gzw = None, r - l, None
         gwf = grad_w.view(-1) if grad_w is not None else None
@@ -209,7 +217,7 @@ class GatedDiff(torch.autograd.Function):
                 # g * z: dL/dw (times z_g); sum(g * z * w): dL/dz_g
                 gz = torch.mul(s, r - l, out=z_buf[:m]).add_(l).clamp_(0.0, 1.0).mul_(gb)
                 if gzw is not None:
-                    gzw[k] = torch.dot(gz, wb)
+                    gzw[k] = torch.dot(gz, wb if wb.dtype == cdt else wb.to(cdt))
                 if need_w:
                     if z_g is not None:
                         torch.mul(gz, z_g, out=gwf[i:j])

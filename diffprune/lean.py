@@ -26,13 +26,14 @@ from .errors import ConfigError
 MEMORY_MODES = ("standard", "lean")
 
 LEAN = {"optimizer_in_backward": True, "alpha_dtype": "bf16", "recompute_weights": True, "theta_dtype": "bf16",
-        "moments_dtype": "fp32"}
+        "moments_dtype": "fp32", "w_dtype": "fp32"}
 """What ``--memory lean`` turns on (each is also its own option). bf16 frozen weights only on an
 accelerator: on CPU they are left in fp32 (bf16 matmuls are ~300x slower on CPUs without AMX). The
-moments of w in bf16 (`--moments-dtype bf16`) are not part of it until their accuracy is measured."""
+moments of w in bf16 (`--moments-dtype bf16`) and w itself in bf16 (`--w-dtype bf16`) are not part of it
+until their accuracy is measured."""
 
 STANDARD = {"optimizer_in_backward": False, "alpha_dtype": "fp32", "recompute_weights": False, "theta_dtype": "fp32",
-            "moments_dtype": "fp32"}
+            "moments_dtype": "fp32", "w_dtype": "fp32"}
 
 
 def resolve(memory: str, overrides: dict, accelerator: bool) -> dict:
@@ -47,6 +48,8 @@ def resolve(memory: str, overrides: dict, accelerator: bool) -> dict:
         raise ConfigError(f"--theta-dtype {opts['theta_dtype']!r} is not one of fp32, bf16")
     if opts["alpha_dtype"] not in ("fp32", "bf16"):
         raise ConfigError(f"--alpha-dtype {opts['alpha_dtype']!r} is not one of fp32, bf16")
+    if opts["w_dtype"] not in ("fp32", "bf16"):
+        raise ConfigError(f"--w-dtype {opts['w_dtype']!r} is not one of fp32, bf16")
     if opts["moments_dtype"] not in ("fp32", "bf16"):
         raise ConfigError(f"--moments-dtype {opts['moments_dtype']!r} is not one of fp32, bf16")
     if opts["theta_dtype"] == "bf16" and not accelerator:

@@ -136,7 +136,8 @@ class DiffMethod(Method):
         # positions) on the fraction c only, after a warm-up holding 2-byte scores for every entry.
         opts = _options(cfg)
         grads = 0 if opts["optimizer_in_backward"] else 1
-        w = 4 * (1 + grads) + (4 if opts["moments_dtype"] == "bf16" else 8)
+        wb = 2 if opts["w_dtype"] == "bf16" and self.use_gates else 4
+        w = wb * (1 + grads) + (4 if opts["moments_dtype"] == "bf16" or wb == 2 else 8)
         a = (2 if opts["alpha_dtype"] == "bf16" else 4) if self.use_gates else 0
         alpha = a * (1 + grads) + 2 * a
         effective = 0 if opts["recompute_weights"] else 4
@@ -185,6 +186,7 @@ class DiffMethod(Method):
             target_sparsity=self.target_sparsity(cfg), l0_lambda=cfg.l0_lambda, structured=self.structured,
             group_penalty=cfg.group_penalty, use_gates=self.use_gates, **selection,
             alpha_dtype=opts["alpha_dtype"] if self.use_gates else "fp32",
+            w_dtype=opts["w_dtype"] if self.use_gates else "fp32",
             candidates=getattr(cfg, "candidates", None) if self.use_gates else None,
         )
         # --fsdp: no L0 state yet; `sharding.setup` allocates it once the weights are sharded

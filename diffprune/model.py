@@ -105,8 +105,9 @@ class _L0Slot(nn.Module):
         shape = theta.shape if shape is None else shape
         dtype = theta.dtype if theta.dtype in (torch.float32, torch.float64) else torch.float32
         a_dtype = ALPHA_DTYPES[config.alpha_dtype] if dtype == torch.float32 else dtype
+        w_dtype = ALPHA_DTYPES[config.w_dtype] if dtype == torch.float32 and config.use_gates else dtype
         # (beside sharded weights, born sharded: `diffprune.sharding.new_state`)
-        self.w = nn.Parameter(new_state(shape, 0.0, dtype, theta))
+        self.w = nn.Parameter(new_state(shape, 0.0, w_dtype, theta))
         if config.use_gates:
             self.alpha = nn.Parameter(new_state(shape, config.alpha_init, a_dtype, theta))
         else:

@@ -216,6 +216,29 @@ def test_generate_equals_the_merged_model_token_for_token(kind):
         base(input_ids=prompt).logits, dm(input_ids=prompt).logits)
 
 
+def test_w_in_bf16_gates_in_fp32_and_gradients_of_the_fp32_path():
+    """--w-dtype bf16: w is stored in bf16 but the gate arithmetic runs in fp32, so the loss and the
+    gradients are those of the fp32 model holding the same (bf16-representable) values."""
+    model, batch = _model("bert")
+    dm = DiffModel(model, DiffPruningConfig(w_dtype="bf16", l0_lambda=1e-3, structured=True)).train()
+    fp32 = DiffModel(tiny_bert(), DiffPruningConfig(l0_lambda=1e-3, structured=True)).train()
+    for m in (dm, fp32):
+        _randomise(m)
+    with torch.no_grad():  # the same values in both: w rounded to bf16
+        for (n, a), b in zip(dm.slots.named_parameters(), fp32.slots.parameters()):
+            b.copy_(a.float())
+    slot = next(iter(dm.slots.values()))
+    assert slot.w.dtype == torch.bfloat16 and slot.alpha.dtype == torch.float32
+    torch.manual_seed(1)
+    l_bf, g_bf = _loss_and_grads(dm, lambda: dm(**batch).loss)
+    torch.manual_seed(1)
+    l_32, g_32 = _loss_and_grads(fp32, lambda: fp32(**batch).loss)
+    assert l_bf == pytest.approx(l_32, rel=1e-6)
+    for n in g_32:
+        assert g_bf[n].dtype == (torch.bfloat16 if n.endswith(".w") else torch.float32), n
+        torch.testing.assert_close(g_bf[n].float(), g_32[n].to(g_bf[n].dtype).float(), rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_alpha_in_bf16_trains_and_stays_bf16():
     model, batch = _model("bert")
     dm = DiffModel(model, DiffPruningConfig(alpha_dtype="bf16", l0_lambda=1e-3)).train()

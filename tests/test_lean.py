@@ -159,6 +159,7 @@ def test_state_estimate_follows_the_memory_options():
     assert m.state_bytes_per_parameter(base) == 36
     assert m.state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean")) == 4 + 8 + 2 + 4
     assert m.state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean", moments_dtype="bf16")) == 4 + 4 + 2 + 4
+    assert m.state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean", w_dtype="bf16")) == 2 + 4 + 2 + 4
     assert m.state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean", candidates=0.05)) == 2.0
     assert get_method("full").state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean")) == 8
 
@@ -167,13 +168,13 @@ def test_train_lean_with_candidates_end_to_end_and_resume(tmp_path, tiny_base, g
     from diffprune.training import checkpoints
 
     kw = dict(task="rte", data_dir=str(glue), model=str(tiny_base), method="structured", memory="lean",
-              moments_dtype="bf16", candidates=0.1, candidate_warmup_steps=3, target_sparsity=0.02, max_train_samples=64,
+              moments_dtype="bf16", w_dtype="bf16", candidates=0.1, candidate_warmup_steps=3, target_sparsity=0.02, max_train_samples=64,
               max_eval_samples=24, epochs=2, fixmask_epochs=1, batch_size=16, max_seq_length=32, progress=False,
               save_steps=2)
     ref = train(TrainConfig(output_dir=str(tmp_path / "ref"), **kw))
     diff = SparseDiff.load(tmp_path / "ref")
     assert ref["nnz"] == diff.nnz == round(0.02 * diff.n_diffed)
-    assert diff.config.candidates == 0.1 and diff.config.alpha_dtype == "bf16"
+    assert diff.config.candidates == 0.1 and diff.config.alpha_dtype == diff.config.w_dtype == "bf16"
     log = [json.loads(x) for x in (tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()]
     ev = next(r for r in log if r.get("event") == "candidates")
     assert ev["candidates"] == round(0.1 * diff.n_diffed) and ev["warmup_steps"] == 3

@@ -104,6 +104,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="step each tensor as soon as its gradient is complete (no persistent gradients; "
                         "clipping uses the previous step's norm; one process only)")
     g.add_argument("--alpha-dtype", choices=("fp32", "bf16"), default=None, help="gate logits and their moments")
+    g.add_argument("--w-dtype", choices=("fp32", "bf16"), default=None,
+                   help="the L0 stage's diff values w and their moments (bf16: stochastically rounded; not in "
+                        "--memory lean until its accuracy is measured)")
     g.add_argument("--moments-dtype", choices=("fp32", "bf16"), default=None,
                    help="the L0 stage's AdamW moments of w (bf16: stochastically rounded; not in --memory lean "
                         "until its accuracy is measured)")
@@ -160,7 +163,7 @@ def run(args) -> int:
         debug_rank_hashes=args.debug_rank_hashes, task_type=args.task_type, check_memory=not args.skip_memory_check,
         value_dtype=args.value_dtype, memory=args.memory, optimizer_in_backward=args.optimizer_in_backward,
         alpha_dtype=args.alpha_dtype, recompute_weights=args.recompute_weights, theta_dtype=args.theta_dtype,
-        moments_dtype=args.moments_dtype,
+        moments_dtype=args.moments_dtype, w_dtype=args.w_dtype,
         gradient_checkpointing=args.gradient_checkpointing, candidates=args.candidates,
         candidate_warmup_steps=args.candidate_warmup_steps, family=args.family, target_modules=args.target_modules,
         generation_max_new_tokens=args.generation_max_new_tokens, stop_after=args.stop_after, from_l0=args.from_l0,

@@ -78,6 +78,8 @@ class TrainConfig:
     """Diff methods: gate logits (and their AdamW moments) in "fp32" or "bf16"."""
     recompute_weights: bool | None = None
     """Diff methods: recompute each layer's theta + delta in backward instead of keeping it."""
+    w_dtype: str | None = None
+    """Diff methods: the L0 stage's w (and so its AdamW moments) in "fp32" or "bf16" (stochastically rounded)."""
     moments_dtype: str | None = None
     """Diff methods: the L0 stage's AdamW moments of w in "fp32" or "bf16" (stochastically rounded)."""
     theta_dtype: str | None = None
@@ -209,7 +211,7 @@ RESUME_KEYS = (
     "task", "data_dir", "model", "method", "target_sparsity", "l0_lambda", "group_penalty", "epochs", "fixmask_epochs", "lr",
     "alpha_lr", "fixmask_lr", "batch_size", "max_seq_length", "max_train_samples", "seed", "train_file",
     "validation_file", "text_columns", "label_column", "max_eval_samples", "head_lr", "max_grad_norm", "lora_r",
-    "lora_alpha", "lora_dropout", "task_type", "alpha_dtype", "theta_dtype", "moments_dtype", "memory", "candidates",
+    "lora_alpha", "lora_dropout", "task_type", "alpha_dtype", "theta_dtype", "moments_dtype", "w_dtype", "memory", "candidates",
     "candidate_warmup_steps", "family", "target_modules", "generation_max_new_tokens", "fsdp",
 )
 
