@@ -38,6 +38,7 @@ CONFIGS = {
     "dense": ("dense L0 (the default)", {}),
     "lean": ("dense L0, `--memory lean` (in-backward AdamW, bf16 alpha, recomputed weights)", {"memory": "lean"}),
     "lean_m16": ("dense L0, `--memory lean --moments-dtype bf16`", {"memory": "lean", "moments_dtype": "bf16"}),
+    "lean_w16": ("dense L0, `--memory lean --w-dtype bf16`", {"memory": "lean", "w_dtype": "bf16"}),
     "in_backward": ("dense L0, `--optimizer-in-backward` only", {"optimizer_in_backward": True}),
     "alpha_bf16": ("dense L0, `--alpha-dtype bf16` only", {"alpha_dtype": "bf16"}),
     "c0.02": ("candidate L0, `--candidates 0.02`", {"candidates": 0.02}),

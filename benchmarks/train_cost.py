@@ -68,8 +68,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-CONFIGS = ("full", "l0", "l0_structured", "fixed", "lora_qv8", "lora_all32", "l0_lean", "l0_lean_m16", "candidates",
-           "candidates_dense_grad")
+CONFIGS = ("full", "l0", "l0_structured", "fixed", "lora_qv8", "lora_all32", "l0_lean", "l0_lean_m16", "l0_lean_w16",
+           "candidates", "candidates_dense_grad")
 TITLES = {
     "full": "full finetuning (AdamW)",
     "l0": "diffprune L0 stage, unstructured",
@@ -79,6 +79,7 @@ TITLES = {
     "lora_all32": "PEFT LoRA r=32, all linear layers",
     "l0_lean": "diffprune L0 stage, --memory lean",
     "l0_lean_m16": "diffprune L0 stage, --memory lean --moments-dtype bf16",
+    "l0_lean_w16": "diffprune L0 stage, --memory lean --w-dtype bf16",
     "candidates": "diffprune candidate L0 (5%), --memory lean, warm-up included",
     "candidates_dense_grad": "the same, weight gradient dense then gathered (before 2026-12-06)",
 }
@@ -283,14 +284,15 @@ def setup(config: str, model, adamw: str, lr: float = 2e-5, batch: dict | None =
         dm.project(0.005)
         gc.collect()
         groups = dm.param_groups(lr=5e-5)
-    elif config in ("l0_lean", "l0_lean_m16", "candidates", "candidates_dense_grad"):
+    elif config in ("l0_lean", "l0_lean_m16", "l0_lean_w16", "candidates", "candidates_dense_grad"):
         # --memory lean: gate logits in bf16, effective weights recomputed in backward, the AdamW
         # step inside backward (its clipping: the previous step's norm, so `step` does not clip)
         from diffprune import candidates
         from diffprune.lean import OptimizerInBackward
 
         frac = CANDIDATE_FRACTION if config.startswith("candidates") else None
-        dm = DiffModel(model, diff_config(alpha_dtype="bf16", candidates=frac))
+        dm = DiffModel(model, diff_config(alpha_dtype="bf16", candidates=frac,
+                                          w_dtype="bf16" if config == "l0_lean_w16" else "fp32"))
         dm.recompute_weights = True
         dm.sampled_candidate_grad = config != "candidates_dense_grad"
         if frac is not None:  # the importance warm-up, part of setup but inside the measured peak
