@@ -157,6 +157,7 @@ def test_training_state_that_cannot_fit_is_refused_before_anything_is_written(tm
     with pytest.raises(TrainError, match=r"--method structured needs about 43.6 MiB: 34.3 MiB of training state \(36 bytes "
                        r"for each of the 999,072 diffed parameters, 12 for each of the 66 head parameters\) \+ about 9.2 MiB "
                        r"of activations at batch 8 x 128, and 0.0 MiB is available; --memory lean: about 26.4 MiB; "
+                       r"--memory lean --w-dtype bf16: about 20.7 MiB; "
                        r"--memory lean --candidates 0.05: about 11.2 MiB.*--skip-memory-check"):
         train(cfg)
     assert not out.exists()

@@ -92,9 +92,10 @@ def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int =
     hints = []
     if getattr(method, "use_gates", False) and getattr(cfg, "candidates", None) is None and cfg is not None:
         for label, extra in (("--memory lean", {"memory": "lean"}),
+                             ("--memory lean --w-dtype bf16", {"memory": "lean", "w_dtype": "bf16"}),
                              ("--memory lean --candidates 0.05", {"memory": "lean", "candidates": 0.05})):
-            if getattr(cfg, "memory", None) == "lean" and "candidates" not in extra:
-                continue  # already lean: only the candidates are a further step
+            if all(getattr(cfg, k, None) == v for k, v in extra.items()):
+                continue  # what this run already does
             alt = int(state(dataclasses.replace(cfg, **extra))[0] * scale) + weights + acts
             hints.append(f"{label}: about {size(alt)}")
     hint = ("; " + "; ".join(hints)) if hints else ""
