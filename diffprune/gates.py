@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from .config import GROUP_PENALTIES
+from .noise import Noise
 
 _EPS = 1e-6
 
@@ -37,34 +37,8 @@ def deterministic_gate(alpha: torch.Tensor, l: float, r: float) -> torch.Tensor:
     return (torch.sigmoid(alpha) * (r - l) + l).clamp_(0.0, 1.0)
 
 
-class _Noise:
-    """The uniform noise stream of a seed. On CPU numpy's PCG64 (`Generator.random` into the buffer:
-    1.8 ns per float32 here against 3.6 for torch's Mersenne Twister `uniform_`, which was 16% of a
-    `--memory lean` step on MiniLM: the noise is drawn in forward, in backward and in the recompute);
-    elsewhere torch's generator of the device. Either way the stream does not depend on how it is
-    split into blocks: consecutive fills continue it."""
-
-    def __init__(self, seed: int, device):
-        device = torch.device(device)
-        if device.type == "cpu":
-            self.np = np.random.Generator(np.random.PCG64(seed))
-        else:
-            self.np = None
-            self.gen = torch.Generator(device=device)
-            self.gen.manual_seed(seed)
-
-    def fill_(self, buf: torch.Tensor) -> torch.Tensor:
-        """buf <- the next numel(buf) uniforms in [0, 1)."""
-        if self.np is not None and buf.dtype in (torch.float32, torch.float64) and buf.is_contiguous():
-            self.np.random(out=buf.numpy(), dtype=np.float32 if buf.dtype == torch.float32 else np.float64)
-            return buf
-        if self.np is not None:  # other dtypes on CPU: through float32
-            return buf.copy_(self.fill_(torch.empty(buf.shape, dtype=torch.float32)))
-        return buf.uniform_(generator=self.gen)
-
-
 def _uniform(shape, seed: int, device, dtype) -> torch.Tensor:
-    return _Noise(seed, device).fill_(torch.empty(shape, device=device, dtype=dtype)).clamp_(_EPS, 1.0 - _EPS)
+    return Noise(seed, device).uniform_(torch.empty(shape, device=device, dtype=dtype)).clamp_(_EPS, 1.0 - _EPS)
 
 
 def _concrete(alpha: torch.Tensor, l: float, r: float, seed: int) -> torch.Tensor:
@@ -95,7 +69,7 @@ def _gate_and_slope(alpha, l, r, seed):
 # entries, 512 KiB in fp32) keeps its dozen passes (noise, logit, sigmoid, stretch, products) in
 # cache instead of streaming the whole tensor through memory a dozen times; on accelerators larger
 # blocks (2^22) only bound the temporaries. Either way the only full-size tensors allocated are the
-# outputs. The noise stream (`_Noise`) does not depend on how the tensor is split, so the blocked
+# outputs. The noise stream (`diffprune.noise.Noise`) does not depend on how the tensor is split, so the blocked
 # gates are exactly the unblocked ones.
 _CPU_BLOCK = 1 << 17
 _DEVICE_BLOCK = 1 << 22
@@ -111,13 +85,9 @@ def compute_dtype(w: torch.Tensor) -> torch.dtype:
     return torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
 
 
-def _generator(seed: int, device) -> _Noise:
-    return _Noise(seed, device)
-
-
-def _concrete_into_(buf: torch.Tensor, alpha: torch.Tensor, gen: _Noise) -> torch.Tensor:
+def _concrete_into_(buf: torch.Tensor, alpha: torch.Tensor, gen: Noise) -> torch.Tensor:
     """buf <- s = sigmoid(logit(u) + alpha), u drawn from `gen` (bit-identical to `_concrete`)."""
-    return gen.fill_(buf).logit_(_EPS).add_(alpha).sigmoid_()
+    return gen.uniform_(buf).logit_(_EPS).add_(alpha).sigmoid_()
 
 
 def _prob_nonzero_into_(buf: torch.Tensor, alpha: torch.Tensor, c: float) -> torch.Tensor:
@@ -150,7 +120,7 @@ class GatedDiff(torch.autograd.Function):
         scratch = torch.empty(bs, dtype=cdt, device=device) if with_l0 else None
         sums = torch.empty(-(-n // bs), dtype=cdt, device=device) if with_l0 else None
         c = log_ratio(l, r)
-        gen = _generator(seed, device)
+        gen = Noise(seed, device)
         for k, i in enumerate(range(0, n, bs)):
             j = min(i + bs, n)
             a = af[i:j]
@@ -193,7 +163,7 @@ class GatedDiff(torch.autograd.Function):
         c = log_ratio(l, r)
         gates_part = grad_out is not None and (need_w or need_alpha or need_group)
         l0_part = grad_expected is not None and need_alpha
-        gen = _generator(seed, device)
+        gen = Noise(seed, device)
         if gates_part:
             g = grad_out.to(cdt).contiguous().view(-1)
             s_buf = torch.empty(bs, dtype=cdt, device=device)

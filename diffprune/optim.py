@@ -21,45 +21,12 @@ so state_dict / load_state_dict and the checkpoints are unchanged.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
+
+from .noise import Noise
 
 _CHUNK = 1 << 17  # 512 KiB of fp32: a chunk's ~20 passes stay in cache (1.6x faster than 1 << 20 here)
 _LOW = (torch.bfloat16,)
-
-
-class _Noise:
-    """Uniform random int32 words from a stream keyed by (seed, step, tensor). On CPU numpy's PCG64
-    (``random_raw``: ~4x faster than torch's Mersenne Twister ``randint`` here), elsewhere torch's
-    generator of the device."""
-
-    def __init__(self, key: tuple[int, ...], device: torch.device):
-        self.device = device
-        if device.type == "cpu":
-            self.rng = np.random.PCG64(np.random.SeedSequence(list(key)))
-        else:
-            self.gen = torch.Generator(device=device)
-            self.gen.manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1))
-
-        self._odd = False
-
-    def skip(self, n: int) -> "_Noise":
-        """Start at word n of the stream (CPU): the words a shard of a tensor draws are then the ones
-        the whole tensor draws at its positions (FSDP runs step as one process does)."""
-        if n and self.device.type == "cpu":
-            self.rng.advance(n // 2)
-            self._odd = bool(n % 2)
-        return self
-
-    def int32(self, n: int) -> torch.Tensor:
-        if self.device.type == "cpu":
-            start = int(self._odd)
-            self._odd = (start + n) % 2 == 1
-            words = self.rng.random_raw((start + n + 1) // 2).view(np.int32)[start:start + n]
-            if self._odd:  # the last raw draw's second word is the next call's first: step back one draw
-                self.rng.advance(-1)
-            return torch.from_numpy(words)
-        return torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int32, device=self.device, generator=self.gen)
 
 
 def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, noise: torch.Tensor) -> None:
@@ -77,7 +44,7 @@ def add_stochastic_(acc: torch.Tensor, x: torch.Tensor, key: tuple[int, ...]) ->
     """acc (bfloat16) += x, summed in fp32 and rounded back stochastically (unbiased: a long sum of
     small terms keeps them, where round-to-nearest drops every term under half a step of the
     running total). `key` selects the random stream (deterministic)."""
-    noise = _Noise(key, _local(acc).device).skip(_flat_offset(acc))
+    noise = Noise(key, _local(acc).device).skip(_flat_offset(acc))
     acc, x = _local(acc), _local(x)
     flat_a, flat_x = acc.view(-1), x.reshape(-1)
     for start in range(0, flat_a.numel(), _CHUNK):
@@ -167,7 +134,7 @@ class AdamW(torch.optim.AdamW):
         lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
         step_size = lr / (1 - beta1 ** step)
         bc2_sqrt = (1 - beta2 ** step) ** 0.5
-        noise = _Noise((self.seed, step, index), _local(p).device).skip(_flat_offset(p))
+        noise = Noise((self.seed, step, index), _local(p).device).skip(_flat_offset(p))
         flat_p, flat_g = _local(p).view(-1), _local(p.grad).reshape(-1)
         flat_m, flat_v = _local(state["exp_avg"]).view(-1), _local(state["exp_avg_sq"]).view(-1)
         scalars = torch.tensor([1 - beta1, beta2, 1 - beta2, step_size, bc2_sqrt, eps, 1 - lr * wd],

@@ -170,7 +170,7 @@ def test_memory_estimate_adds_weights_not_in_memory_and_activations(monkeypatch)
 
 def test_fsdp_trains_bf16_gate_logits_and_diff_values_to_the_one_process_diff(tmp_path, base, glue):
     """bf16 gate logits and diff values (and their moments), rounded stochastically, under two ranks: each
-    shard draws the random words the whole tensor draws at its positions (`optim._Noise.skip`, tested
+    shard draws the random words the whole tensor draws at its positions (`diffprune.noise.Noise.skip`, tested
     exactly in test_optim.py), so the runs differ only where a gradient summed in another order flips a
     rounding: measured 99.85% of the positions shared (99.64% with every shard drawing from the start)."""
     common = {**RUN, "data_dir": str(glue), "model": str(base), "alpha_dtype": "bf16", "w_dtype": "bf16"}

@@ -156,14 +156,14 @@ def test_fp32_tensors_with_bf16_moments_follow_fp32_adamw_and_resume_identically
 
 
 def test_the_random_words_do_not_depend_on_how_the_stream_is_split_or_where_a_shard_starts():
-    from diffprune.optim import _Noise
+    from diffprune.noise import Noise
 
     cpu = torch.device("cpu")
-    whole = _Noise((1, 2, 3), cpu).int32(1001)
+    whole = Noise((1, 2, 3), cpu).int32(1001)
     for splits in ([1, 1000], [3, 4, 994], [500, 1, 1, 499]):
-        noise = _Noise((1, 2, 3), cpu)
+        noise = Noise((1, 2, 3), cpu)
         assert torch.equal(torch.cat([noise.int32(k) for k in splits]), whole), splits
     for offset in (1, 2, 7, 500):  # an FSDP shard starting at that flat position
-        noise = _Noise((1, 2, 3), cpu).skip(offset)
+        noise = Noise((1, 2, 3), cpu).skip(offset)
         assert torch.equal(torch.cat([noise.int32(3), noise.int32(110)]), whole[offset:offset + 113]), offset
-    assert not torch.equal(_Noise((1, 2, 4), cpu).int32(1001), whole)
+    assert not torch.equal(Noise((1, 2, 4), cpu).int32(1001), whole)
