@@ -97,6 +97,34 @@ def _prob_nonzero_into_(buf: torch.Tensor, alpha: torch.Tensor, c: float) -> tor
     return torch.sub(alpha, c, out=buf).sigmoid_()
 
 
+class ConcreteCache:
+    """Hands one tensor's concrete sample s = sigmoid(logit(u) + alpha) from the recompute of its
+    effective weight (`DiffModel.recompute_weights`) to its gates' backward, which runs right after
+    that layer's backward and then reads s instead of drawing the noise and computing s again: one of
+    a lean step's three passes of noise, logit and sigmoid over every entry.
+
+    One slot, keyed by the sample's seed (one per tensor and step) and size: a backward that finds
+    another key (a tied weight recomputed twice, activation checkpointing, no recompute) draws its
+    noise again, so the cache changes the speed only, never a value. A tensor of more than
+    `max_entries` entries is not cached: its s (4 bytes an entry, alive from the recompute to the
+    gates' backward) would add the most to the step's transient peak."""
+
+    max_entries = 1 << 25  # 128 MiB of fp32: every tensor of bert-base, all but the embeddings of Llama-3.2-1B
+
+    def __init__(self):
+        self.key, self.s = None, None
+
+    def put(self, key: tuple, s: torch.Tensor) -> None:
+        self.key, self.s = key, s
+
+    def take(self, key: tuple) -> torch.Tensor | None:
+        """The cached s for `key` (emptying the slot), or None."""
+        if self.key != key:
+            return None
+        s, self.key, self.s = self.s, None, None
+        return s
+
+
 class GatedDiff(torch.autograd.Function):
     """(theta + z(alpha, seed) * z_g(alpha_group, seed) * w,  sum_i P(z_i != 0)).
 
@@ -108,7 +136,8 @@ class GatedDiff(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, theta, w, alpha, alpha_group, seed: int, l: float, r: float, with_l0: bool = False):
+    def forward(ctx, theta, w, alpha, alpha_group, seed: int, l: float, r: float, with_l0: bool = False,
+                cache: ConcreteCache | None = None, fill: bool = False):
         device, n = w.device, w.numel()
         z_g = sample_gate(alpha_group, l, r, seed + 1_000_003) if alpha_group is not None else None
         cdt = compute_dtype(w)
@@ -121,11 +150,16 @@ class GatedDiff(torch.autograd.Function):
         sums = torch.empty(-(-n // bs), dtype=cdt, device=device) if with_l0 else None
         c = log_ratio(l, r)
         gen = Noise(seed, device)
+        keep = torch.empty(n, dtype=cdt, device=device) if fill and cache is not None and n <= cache.max_entries else None
         for k, i in enumerate(range(0, n, bs)):
             j = min(i + bs, n)
             a = af[i:j]
             d = of[i:j] if same else tmp[: j - i]
-            _stretch_clamp_(_concrete_into_(d, a, gen), l, r).mul_(wf[i:j])
+            if keep is None:
+                _stretch_clamp_(_concrete_into_(d, a, gen), l, r)
+            else:  # s kept for the backward that follows this recompute
+                torch.mul(_concrete_into_(keep[i:j], a, gen), r - l, out=d).add_(l).clamp_(0.0, 1.0)
+            d.mul_(wf[i:j])
             if z_g is not None:
                 d.mul_(z_g)
             if same:
@@ -134,8 +168,10 @@ class GatedDiff(torch.autograd.Function):
                 of[i:j].copy_(d).add_(tf[i:j])  # == theta + delta.to(theta.dtype)
             if with_l0:
                 sums[k] = _prob_nonzero_into_(scratch[: j - i], a, c).sum()
+        if keep is not None:
+            cache.put((seed, n), keep)
         ctx.save_for_backward(w, alpha, alpha_group)
-        ctx.seed, ctx.l, ctx.r = seed, l, r
+        ctx.seed, ctx.l, ctx.r, ctx.cache = seed, l, r, cache
         ctx.set_materialize_grads(False)
         expected = sums.sum() if with_l0 else torch.zeros((), dtype=cdt, device=device)
         if not with_l0:
@@ -149,7 +185,7 @@ class GatedDiff(torch.autograd.Function):
         device, n = w.device, w.numel()
         need_w, need_alpha, need_group = ctx.needs_input_grad[1:4]
         if grad_out is None and grad_expected is None:
-            return None, None, None, None, None, None, None, None
+            return (None,) * 10
         dense = grad_out is not None  # then every block of grad_w and grad_alpha is written below
         grad_w = torch.empty_like(w, memory_format=torch.contiguous_format) if need_w and dense else None
         grad_alpha = None
@@ -165,6 +201,7 @@ class GatedDiff(torch.autograd.Function):
         l0_part = grad_expected is not None and need_alpha
         gen = Noise(seed, device)
         if gates_part:
+            kept = ctx.cache.take((seed, n)) if ctx.cache is not None else None
             g = grad_out.to(cdt).contiguous().view(-1)
             s_buf = torch.empty(bs, dtype=cdt, device=device)
             z_buf = torch.empty(bs, dtype=cdt, device=device)
@@ -183,7 +220,7 @@ class GatedDiff(torch.autograd.Function):
             ab = af[i:j]
             if gates_part:
                 gb, wb = g[i:j], wf[i:j]
-                s = _concrete_into_(s_buf[:m], ab, gen)
+                s = _concrete_into_(s_buf[:m], ab, gen) if kept is None else kept[i:j]
                 # g * z: dL/dw (times z_g); sum(g * z * w): dL/dz_g
                 gz = torch.mul(s, r - l, out=z_buf[:m]).add_(l).clamp_(0.0, 1.0).mul_(gb)
                 if gzw is not None:
@@ -203,12 +240,14 @@ class GatedDiff(torch.autograd.Function):
                 gaf[i:j].addcmul_(torch.addcmul(p, p, p, value=-1.0, out=p), grad_expected)
         if gates_part and gzw is not None:
             grad_group = gzw.sum() * slope_g
-        return None, grad_w, grad_alpha, grad_group, None, None, None, None
+        return None, grad_w, grad_alpha, grad_group, None, None, None, None, None, None
 
 
-def gated_diff(theta, w, alpha, alpha_group, seed: int, l: float, r: float) -> torch.Tensor:
-    """theta + z * z_g * w for the noise of `seed` (see `GatedDiff`)."""
-    return GatedDiff.apply(theta, w, alpha, alpha_group, seed, l, r, False)[0]
+def gated_diff(theta, w, alpha, alpha_group, seed: int, l: float, r: float,
+               cache: ConcreteCache | None = None, fill: bool = False) -> torch.Tensor:
+    """theta + z * z_g * w for the noise of `seed` (see `GatedDiff`); `fill`: keep s in `cache` for the
+    backward of the graph that computed the same sample (a recompute, `ConcreteCache`)."""
+    return GatedDiff.apply(theta, w, alpha, alpha_group, seed, l, r, False, cache, fill)[0]
 
 
 def _with_group_term(total: torch.Tensor, alpha_group, l: float, r: float, group_penalty: str) -> torch.Tensor:
@@ -227,13 +266,14 @@ def _with_group_term(total: torch.Tensor, alpha_group, l: float, r: float, group
     raise ValueError(f"group_penalty {group_penalty!r} is not one of {GROUP_PENALTIES}")
 
 
-def gated_diff_and_l0(theta, w, alpha, alpha_group, seed: int, l: float, r: float, group_penalty: str = "expected_l0"):
+def gated_diff_and_l0(theta, w, alpha, alpha_group, seed: int, l: float, r: float, group_penalty: str = "expected_l0",
+                      cache: ConcreteCache | None = None):
     """(theta + z * z_g * w,  the tensor's penalised gate count), both differentiable, in one pass.
 
     The second value equals `expected_nonzeros(alpha, alpha_group, l, r, group_penalty)` up to
-    float rounding.
+    float rounding. `cache`: where a recompute of this sample leaves s for the backward.
     """
-    out, total = GatedDiff.apply(theta, w, alpha, alpha_group, seed, l, r, True)
+    out, total = GatedDiff.apply(theta, w, alpha, alpha_group, seed, l, r, True, cache)
     return out, _with_group_term(total, alpha_group, l, r, group_penalty)
 
 

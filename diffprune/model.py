@@ -215,6 +215,7 @@ class DiffModel(nn.Module):
         self.sharded = False  # `diffprune.sharding.shard` was applied
         self._wiring_checked = False
         self._injector = layers.Injector(self, model, self.diff_names)
+        self._concrete_cache = gates.ConcreteCache()  # a recompute's gate sample, for its backward
 
     def allocate_l0_state(self) -> None:
         """The L0 stage's w and alpha for every diffed tensor (the constructor does this unless told not to:
@@ -369,16 +370,18 @@ class DiffModel(nn.Module):
         c = self.config
         if step.seed is not None:
             seed = _tensor_seed(step.seed, self._index[name])
+            # with recomputed weights, the recompute leaves its gate sample for the gates' backward
+            cache = self._concrete_cache if self.recompute_weights else None
             if step.with_l0 and not for_recompute and torch.is_grad_enabled():
                 # the same ops every time the tensor runs in the step (a checkpointed block's recompute
                 # must save what its first run saved); the term is counted once
                 out, e = gates.gated_diff_and_l0(base, whole(slot.w), whole(slot.alpha), _whole_or_none(slot.alpha_group),
-                                                 seed, c.stretch_l, c.stretch_r, c.group_penalty)
+                                                 seed, c.stretch_l, c.stretch_r, c.group_penalty, cache)
                 if name not in step.penalised:
                     step.add_l0(name, e)
             else:
                 out = gates.gated_diff(base, whole(slot.w), whole(slot.alpha), _whole_or_none(slot.alpha_group), seed,
-                                       c.stretch_l, c.stretch_r)
+                                       c.stretch_l, c.stretch_r, cache, fill=for_recompute)
         else:
             out = base + self._gated_w(name, gates.deterministic_gate).to(base.dtype)
         return out

@@ -128,6 +128,8 @@ def test_recomputed_weights_same_gradients_and_not_kept(stage, monkeypatch):
     torch.manual_seed(4)
     again = _loss_and_grads(dm, lambda: dm(**batch).loss)
     _assert_same(again, plain, rtol=0, atol=0)  # the same numbers: recomputed from the same noise
+    if stage == "l0":
+        _assert_recompute_hands_its_sample_to_the_backward(dm, batch, plain, monkeypatch)
 
     # After the forward, with recompute on autograd holds no reference to any layer's effective
     # weight (its storage's use count is what our own reference gives it); without, every one is held.
@@ -157,6 +159,35 @@ def test_recomputed_weights_same_gradients_and_not_kept(stage, monkeypatch):
     pairs = list(zip(counts[True], counts[False]))
     # every one but the embedding (whose backward needs only the token ids) is held without recompute
     assert all(a <= b for a, b in pairs) and sum(a < b for a, b in pairs) == len(pairs) - 1, counts
+
+
+def _assert_recompute_hands_its_sample_to_the_backward(dm, batch, plain, monkeypatch):
+    """Every gate sample a recompute draws is read once by that tensor's backward (`ConcreteCache`), and
+    the gradients are the ones drawn afresh (cache off)."""
+    from diffprune import gates
+
+    filled, hits = [], []
+    put, take = gates.ConcreteCache.put, gates.ConcreteCache.take
+    monkeypatch.setattr(gates.ConcreteCache, "put", lambda self, key, s: filled.append(key) or put(self, key, s))
+    monkeypatch.setattr(gates.ConcreteCache, "take", lambda self, key: _record(hits, key, take(self, key)))
+    torch.manual_seed(4)
+    cached = _loss_and_grads(dm, lambda: dm(**batch).loss)
+    monkeypatch.undo()
+    # every diffed tensor (matrices and norm weights) but the embedding, whose backward needs no weight
+    assert len(filled) == len(dm.diff_names) - 1 > 0
+    assert sorted(hits) == sorted(filled)
+    monkeypatch.setattr(gates.ConcreteCache, "max_entries", 0)  # nothing cached: every backward draws again
+    torch.manual_seed(4)
+    fresh = _loss_and_grads(dm, lambda: dm(**batch).loss)
+    monkeypatch.undo()
+    _assert_same(cached, plain, rtol=0, atol=0)
+    _assert_same(fresh, plain, rtol=0, atol=0)
+
+
+def _record(hits: list, key, s):
+    if s is not None:
+        hits.append(key)
+    return s
 
 
 def test_tied_weights_are_diffed_once_and_both_uses_see_the_diff():
