@@ -2,9 +2,10 @@
 stochastic rounding (`diffprune.optim`), each a function of a key only, so a blocked, resumed or sharded
 computation draws what the whole one draws.
 
-On CPU numpy's PCG64 (`Generator.random` into a buffer: 1.8 ns per float32 here against 3.6 for torch's
-Mersenne Twister `uniform_`; ``random_raw``: ~4x faster than torch's ``randint``); elsewhere torch's
-generator of the device, seeded from the same key.
+On CPU numpy's PCG64 (its raw 64-bit outputs, 1.1 ns per 32-bit word here; as float32 uniforms
+1.45 ns a value against 1.8 for numpy's ``Generator.random`` and 2.8-3.6 for torch's Mersenne Twister
+`uniform_`; ~4x faster than torch's ``randint`` for random bits); elsewhere torch's generator of the
+device, seeded from the same key.
 """
 
 from __future__ import annotations
@@ -30,9 +31,19 @@ class Noise:
         self._odd = False
 
     def uniform_(self, buf: torch.Tensor) -> torch.Tensor:
-        """buf <- the next numel(buf) uniforms in [0, 1)."""
-        if self.np is not None and buf.dtype in (torch.float32, torch.float64) and buf.is_contiguous():
-            self.np.random(out=buf.numpy(), dtype=np.float32 if buf.dtype == torch.float32 else np.float64)
+        """buf <- the next numel(buf) uniforms in [0, 1).
+
+        float32 on the CPU: numpy's own float32 recipe, (32-bit word >> 8) * 2**-24, applied to raw
+        words in two vectorised passes; the words come in the order numpy's ``random`` draws them (low
+        half of each 64-bit output, then high), so the values are bit for bit those of
+        ``Generator.random(dtype=float32)`` (tested), at 1.45 ns a value here instead of 1.8."""
+        if self.np is not None and buf.dtype == torch.float32 and buf.is_contiguous():
+            words = self._words(buf.numel()).view(np.uint32)
+            np.right_shift(words, 8, out=words)
+            np.multiply(words, np.float32(2.0 ** -24), out=buf.numpy().reshape(-1), dtype=np.float32, casting="unsafe")
+            return buf
+        if self.np is not None and buf.dtype == torch.float64 and buf.is_contiguous():
+            self.np.random(out=buf.numpy(), dtype=np.float64)
             return buf
         if self.np is not None:  # other dtypes on CPU: through float32
             return buf.copy_(self.uniform_(torch.empty(buf.shape, dtype=torch.float32)))
@@ -49,10 +60,15 @@ class Noise:
     def int32(self, n: int) -> torch.Tensor:
         """The next n uniform int32 words."""
         if self.np is not None:
-            start = int(self._odd)
-            self._odd = (start + n) % 2 == 1
-            words = self.rng.random_raw((start + n + 1) // 2).view(np.int32)[start:start + n]
-            if self._odd:  # the last raw draw's second word is the next call's first: step back one draw
-                self.rng.advance(-1)
-            return torch.from_numpy(words)
+            return torch.from_numpy(self._words(n))
         return torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int32, device=self.device, generator=self.gen)
+
+    def _words(self, n: int) -> np.ndarray:
+        """The next n 32-bit words of the CPU stream (int32), each 64-bit output giving its low half, then
+        its high half."""
+        start = int(self._odd)
+        self._odd = (start + n) % 2 == 1
+        words = self.rng.random_raw((start + n + 1) // 2).view(np.int32)[start:start + n]
+        if self._odd:  # the last raw draw's second word is the next call's first: step back one draw
+            self.rng.advance(-1)
+        return words

@@ -167,3 +167,21 @@ def test_the_random_words_do_not_depend_on_how_the_stream_is_split_or_where_a_sh
         noise = Noise((1, 2, 3), cpu).skip(offset)
         assert torch.equal(torch.cat([noise.int32(3), noise.int32(110)]), whole[offset:offset + 113]), offset
     assert not torch.equal(Noise((1, 2, 4), cpu).int32(1001), whole)
+
+
+def test_the_gate_noise_is_numpys_float32_stream_bit_for_bit_however_it_is_split():
+    """`Noise.uniform_` builds float32 uniforms from raw words (faster than numpy's `random`): the values
+    must be exactly numpy's, so every run's gate noise is what it was, and blocks must not matter."""
+    import numpy as np
+
+    from diffprune.noise import Noise
+
+    key = (11, 3)
+    ref = np.random.Generator(np.random.PCG64(np.random.SeedSequence(key))).random(5003, dtype=np.float32)
+    for splits in ([5003], [1, 5002], [2047, 3, 2953], [1 << 12, 907]):
+        noise = Noise(key, "cpu")
+        got = torch.cat([noise.uniform_(torch.empty(k)) for k in splits])
+        assert np.array_equal(got.numpy(), ref), splits
+    assert 0.0 <= float(got.min()) and float(got.max()) < 1.0
+    g64 = Noise(key, "cpu").uniform_(torch.empty(100, dtype=torch.float64))  # float64: numpy's own recipe
+    assert np.array_equal(g64.numpy(), np.random.Generator(np.random.PCG64(np.random.SeedSequence(key))).random(100))
