@@ -1,0 +1,50 @@
+"""benchmarks/gate_kernels.py: the per-entry kernel benchmark runs end to end and records what it says."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("gate_kernels", REPO / "benchmarks" / "gate_kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gate_kernels_writes_every_row_and_its_baseline_step_is_the_old_arithmetic(tmp_path):
+    gk = _module()
+    threads = torch.get_num_threads()
+    try:
+        rec = gk.main(["--entries", str(3 * gk.BLOCK + 5), "--repeats", "1", "--no-compile", "--out", str(tmp_path / "gk")])
+    finally:
+        torch.set_num_threads(threads)
+    kernels = rec["kernels"]
+    assert set(kernels) == {"gate noise", "gate expression (noise excluded)", "recomputed weight + gates' backward", "AdamW step"}
+    rows = [v for section in kernels.values() for v in section.values() if isinstance(v, float)]
+    assert len(rows) == 8 and all(v > 0 for v in rows)
+    saved = json.loads((tmp_path / "gk.json").read_text())
+    assert saved["kernels"] == json.loads(json.dumps(kernels)) and "gate_kernels.py" in saved["command"]
+    md = (tmp_path / "gk.md").read_text()
+    assert "| AdamW step | diffprune.optim.AdamW, bf16 tensor and moments |" in md
+
+    # the baseline row times the step the library replaced: same update as diffprune.optim.AdamW's
+    # up to fp32 rounding (both round back stochastically from the same random words)
+    from diffprune import optim
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.Parameter((torch.randn(4096, generator=g) + 5).bfloat16())
+    a.grad = (torch.randn(4096, generator=g) * 1e-2).bfloat16()
+    b = torch.nn.Parameter(a.detach().clone())
+    b.grad = a.grad.clone()
+    opt = optim.AdamW([a], lr=0.1, weight_decay=0.0)
+    m, v = torch.zeros(4096, dtype=torch.bfloat16), torch.zeros(4096, dtype=torch.bfloat16)
+    for step in (1, 2, 3):
+        opt.step()
+        gk._eager_bf16_step(b, m, v, step)
+    assert (a.detach().float() != b.detach().float()).float().mean() < 0.01
+    torch.testing.assert_close(opt.state[a]["exp_avg"].float(), m.float(), rtol=0.01, atol=1e-6)
