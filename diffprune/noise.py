@@ -2,10 +2,10 @@
 stochastic rounding (`diffprune.optim`), each a function of a key only, so a blocked, resumed or sharded
 computation draws what the whole one draws.
 
-On CPU numpy's PCG64 (its raw 64-bit outputs, 1.1 ns per 32-bit word here; as float32 uniforms
-1.7 ns a value against 1.85 for numpy's ``Generator.random`` and 2.8-3.6 for torch's Mersenne Twister
-`uniform_`; ~4x faster than torch's ``randint`` for random bits); elsewhere torch's generator of the
-device, seeded from the same key.
+On CPU numpy's PCG64 (its raw 64-bit outputs, 1.1 ns per 32-bit word here, made into float32
+uniforms by `Noise.uniform_` faster than numpy's ``Generator.random`` and torch's Mersenne Twister
+`uniform_`, and ~4x faster than torch's ``randint`` for random bits); elsewhere torch's generator of
+the device, seeded from the same key.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class Noise:
         float32 on the CPU: numpy's own float32 recipe, (32-bit word >> 8) * 2**-24, applied to raw
         words in two vectorised passes; the words come in the order numpy's ``random`` draws them (low
         half of each 64-bit output, then high), so the values are bit for bit those of
-        ``Generator.random(dtype=float32)`` (tested), 1.71 ns a value into a full-size tensor against its
-        1.85 (benchmarks/results/gate_kernels.md)."""
+        ``Generator.random(dtype=float32)`` (tested), and faster: 1.85 ns a value into a full-size tensor
+        against its 2.47 (benchmarks/results/gate_kernels.md; the two vary by ~0.3 ns run to run)."""
         if self.np is not None and buf.dtype == torch.float32 and buf.is_contiguous():
             words = self._words(buf.numel()).view(np.uint32)
             np.right_shift(words, 8, out=words)

@@ -28,8 +28,8 @@ import torch
 from .noise import Noise
 
 _CHUNK = 1 << 17  # 512 KiB of fp32: a chunk's passes stay in cache (1.6x faster than 1 << 20 here)
-# Per entry of a bf16 tensor with bf16 moments, one idle core: 4.4 ns against 5.8 for the eager chunk
-# arithmetic it replaced and 0.8 for fused fp32 AdamW (benchmarks/results/gate_kernels.md); of it,
+# Per entry of a bf16 tensor with bf16 moments, one idle core: 4.0 ns against 5.6 for the eager chunk
+# arithmetic it replaced and 0.6 for fused fp32 AdamW (benchmarks/results/gate_kernels.md); of it,
 # loading the chunk ~0.65, the fused kernel ~0.5, the random bits ~1.2, rounding back ~1.6.
 _LOW = (torch.bfloat16,)
 
