@@ -185,3 +185,24 @@ def test_the_gate_noise_is_numpys_float32_stream_bit_for_bit_however_it_is_split
     assert 0.0 <= float(got.min()) and float(got.max()) < 1.0
     g64 = Noise(key, "cpu").uniform_(torch.empty(100, dtype=torch.float64))  # float64: numpy's own recipe
     assert np.array_equal(g64.numpy(), np.random.Generator(np.random.PCG64(np.random.SeedSequence(key))).random(100))
+
+
+def test_the_cpu_rounding_in_numpy_equals_the_torch_ops_it_replaced_bit_for_bit():
+    """On the CPU `stochastic_round_` adds the random bits in numpy and shifts bf16's bits out (two passes);
+    elsewhere it uses torch ops. Both must round every value, of either sign, the same way."""
+    import numpy as np
+
+    from diffprune.noise import Noise
+    from diffprune.optim import _halves
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(50_000, generator=g) * 10.0 ** torch.randint(-8, 8, (50_000,), generator=g),
+                   torch.tensor([0.0, -0.0, 1.0, -1.0, 3.0e38, -3.0e38, 1e-40, -1e-40])])
+    low, high = _halves(Noise((4, 2), "cpu"), x.numel())
+    assert isinstance(low, np.ndarray) and low.dtype == np.uint16
+    words = Noise((4, 2), "cpu").int32(x.numel())
+    for ours_bits, torch_bits in ((low, words & 0xFFFF), (high, words.bitwise_right_shift(16).bitwise_and_(0xFFFF))):
+        ours, ref = torch.empty(x.shape, dtype=torch.bfloat16), torch.empty(x.shape, dtype=torch.bfloat16)
+        stochastic_round_(ours, x.clone(), ours_bits)
+        stochastic_round_(ref, x.clone(), torch_bits)
+        assert torch.equal(ours.view(torch.int16), ref.view(torch.int16))
