@@ -49,6 +49,9 @@ CONFIGS = {
 SUPERSEDED = {
     "lean_nearest": ("dense L0, `--memory lean` with bf16 alpha rounded to nearest (the code before "
                      "`diffprune/optim.py`'s stochastic rounding, 2026-12-06)", {"memory": "lean"}),
+    "c0.05_nearest_importance": ("candidate L0, `--candidates 0.05` with the importance summed in bf16 rounded to "
+                                 "nearest (the code before the stochastic importance sum, 2026-12-06)",
+                                 {"candidates": 0.05}),
 }
 PUBLISHED_DENSE = REPO / "benchmarks" / "results" / "glue_structured_study" / "per_gate_lr_1e-4" / "glue_accuracy.json"
 
