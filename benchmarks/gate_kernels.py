@@ -39,7 +39,7 @@ from diffprune.noise import Noise  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 L, R = -0.1, 1.1
-BLOCK = 1 << 17
+BLOCK = gates._CPU_BLOCK  # the blocks GatedDiff uses on a CPU
 
 
 def _best_ns(fn, entries: int, repeats: int) -> float:
