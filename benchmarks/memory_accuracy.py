@@ -44,6 +44,8 @@ CONFIGS = {
     "c0.02": ("candidate L0, `--candidates 0.02`", {"candidates": 0.02}),
     "c0.05": ("candidate L0, `--candidates 0.05`", {"candidates": 0.05}),
     "c0.10": ("candidate L0, `--candidates 0.1`", {"candidates": 0.1}),
+    "c0.05_per_tensor": ("candidate L0, `--candidates 0.05 --candidate-importance grad_per_tensor`",
+                         {"candidates": 0.05, "candidate_importance": "grad_per_tensor"}),
 }
 # Records of code since changed: kept in the report (restored like the others), no longer run.
 SUPERSEDED = {

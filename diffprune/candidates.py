@@ -13,7 +13,11 @@ nearest, each batch's term, ~1/200 of the running total after 200 batches, would
 its binade. Ties at the cut are broken by position. The task head may train meanwhile (`head_optimizer`), so that the
 gradients are those of a head that has started to learn the task rather than of a random one.
 
-`select` keeps exactly round(c * n) entries, globally, without concatenating the scores: a
+`select` ranks by the accumulated |gradient| itself (``importance="grad"``) or, with
+``importance="grad_per_tensor"``, by each tensor's scores divided by their root mean square, so that
+a tensor's rank reflects an entry's importance within its tensor rather than how close the tensor sits
+to the loss (the pooler and the last layers' gradients are the largest: with "grad" they take most of
+the candidates). It keeps exactly round(c * n) entries, globally, without concatenating the scores: a
 histogram of the bfloat16 bit patterns (monotonic in the value for non-negative floats) finds the
 cut, then each tensor keeps its entries above it and, in position order, as many at it as the
 budget still needs.
@@ -29,6 +33,7 @@ import torch
 from . import optim
 
 _CHUNK = 1 << 22
+IMPORTANCE = ("grad", "grad_per_tensor")
 
 
 def importance(dm, batches: Iterable[dict], head_optimizer=None, on_step=None,
@@ -79,17 +84,35 @@ def _bits(chunk: torch.Tensor) -> torch.Tensor:
     return chunk.contiguous().view(torch.int16).to(torch.int64)
 
 
-def select(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
-    """Sorted flat positions of the round(fraction * n) highest scores across all tensors."""
+def normalize_per_tensor_(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Divide each tensor's scores by their root mean square, in place (a tensor of zeros stays zero)."""
+    for s in scores.values():
+        flat = s.reshape(-1)
+        sq = sum(float(flat[i:i + _CHUNK].double().square().sum()) for i in range(0, flat.numel(), _CHUNK))
+        rms = (sq / max(flat.numel(), 1)) ** 0.5
+        if rms > 0 and torch.isfinite(torch.tensor(rms)):
+            for i in range(0, flat.numel(), _CHUNK):
+                flat[i:i + _CHUNK] = (flat[i:i + _CHUNK].float() / rms).to(s.dtype)
+    return scores
+
+
+def select(scores: dict[str, torch.Tensor], fraction: float, importance: str = "grad") -> dict[str, torch.Tensor]:
+    """Sorted flat positions of the round(fraction * n) highest scores across all tensors (`importance`:
+    one of `IMPORTANCE`; "grad_per_tensor" rescales `scores` in place first)."""
+    if importance not in IMPORTANCE:
+        raise ValueError(f"importance {importance!r} is not one of {IMPORTANCE}")
     n = sum(s.numel() for s in scores.values())
     k = round(fraction * n)
     if not 0 < k <= n:
         raise ValueError(f"fraction {fraction} keeps {k} of {n} entries")
+    for s in scores.values():
+        if not torch.isfinite(s).all():
+            raise ValueError("the importance scores are not finite: the warm-up diverged (lower the learning rate)")
+    if importance == "grad_per_tensor":
+        normalize_per_tensor_(scores)
     hist = None
     for s in scores.values():
         flat = s.reshape(-1)
-        if not torch.isfinite(flat).all():
-            raise ValueError("the importance scores are not finite: the warm-up diverged (lower the learning rate)")
         for i in range(0, flat.numel(), _CHUNK):
             h = torch.bincount(_bits(flat[i:i + _CHUNK]).clamp_(min=0), minlength=1 << 15)
             hist = h if hist is None else hist + h

@@ -113,6 +113,27 @@ def test_select_keeps_exactly_the_top_fraction_across_tensors():
         assert torch.equal(v, torch.sort(v).values) and v.unique().numel() == v.numel()
 
 
+def test_select_per_tensor_ranks_within_each_tensor():
+    # "a" has gradients 100x larger than "b": ranked globally it takes every candidate; divided by its root
+    # mean square each tensor competes on its entries' importance within it
+    g = torch.Generator().manual_seed(1)
+    raw = {"a": (100 * torch.rand(200, generator=g)).to(torch.bfloat16), "b": torch.rand(10, 30, generator=g).to(torch.bfloat16),
+           "z": torch.zeros(50, dtype=torch.bfloat16)}
+    by_grad = cand.select({k: v.clone() for k, v in raw.items()}, 0.1)
+    assert by_grad["a"].numel() == 55 and by_grad["b"].numel() == 0  # k = round(0.1 * 550)
+    chosen = cand.select({k: v.clone() for k, v in raw.items()}, 0.1, importance="grad_per_tensor")
+    assert sum(v.numel() for v in chosen.values()) == 55 and chosen["z"].numel() == 0
+    # reference in float64: each tensor over its RMS; the kept entries are the largest across tensors up to
+    # the bfloat16 rounding of the rescaled scores (one part in 2^8)
+    ref = {k: (v.double() / v.double().square().mean().sqrt()).reshape(-1) for k, v in raw.items() if k != "z"}
+    kept = torch.cat([ref[k][chosen[k]] for k in ref])
+    dropped = torch.cat([ref[k][[i for i in range(ref[k].numel()) if i not in set(chosen[k].tolist())]] for k in ref])
+    assert float(kept.min()) >= float(dropped.max()) * (1 - 2 ** -8)
+    assert 15 < chosen["b"].numel() < 40  # both tensors compete (b holds 300 of the 550 entries)
+    with pytest.raises(ValueError, match="importance 'fisher' is not one of"):
+        cand.select(raw, 0.1, importance="fisher")
+
+
 def test_importance_accumulates_abs_gradients_without_keeping_them():
     model = tiny_bert()
     for m in model.modules():  # no dropout: the reference below draws no noise of its own
@@ -144,6 +165,7 @@ def test_importance_accumulates_abs_gradients_without_keeping_them():
     (dict(theta_dtype="bf16"), "300x slower"),
     (dict(memory="tiny"), "--memory 'tiny' is not one of standard, lean"),
     (dict(candidate_warmup_steps=0, candidates=0.05), "--candidate-warmup-steps 0"),
+    (dict(candidate_importance="fisher", candidates=0.05), "--candidate-importance 'fisher' is not one of grad, grad_per"),
 ])
 def test_bad_memory_settings_fail_before_any_work(kw, match, tmp_path, tiny_base, glue):
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), task="rte", data_dir=str(glue), model=str(tiny_base),
@@ -168,7 +190,8 @@ def test_train_lean_with_candidates_end_to_end_and_resume(tmp_path, tiny_base, g
     from diffprune.training import checkpoints
 
     kw = dict(task="rte", data_dir=str(glue), model=str(tiny_base), method="structured", memory="lean",
-              moments_dtype="bf16", w_dtype="bf16", candidates=0.1, candidate_warmup_steps=3, target_sparsity=0.02, max_train_samples=64,
+              moments_dtype="bf16", w_dtype="bf16", candidates=0.1, candidate_warmup_steps=3,
+              candidate_importance="grad_per_tensor", target_sparsity=0.02, max_train_samples=64,
               max_eval_samples=24, epochs=2, fixmask_epochs=1, batch_size=16, max_seq_length=32, progress=False,
               save_steps=2)
     ref = train(TrainConfig(output_dir=str(tmp_path / "ref"), **kw))
@@ -178,6 +201,7 @@ def test_train_lean_with_candidates_end_to_end_and_resume(tmp_path, tiny_base, g
     log = [json.loads(x) for x in (tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()]
     ev = next(r for r in log if r.get("event") == "candidates")
     assert ev["candidates"] == round(0.1 * diff.n_diffed) and ev["warmup_steps"] == 3
+    assert ev["importance"] == "grad_per_tensor"
     assert [r["phase"] for r in log if r.get("event") == "optimizer_in_backward"] == ["l0", "fixed"]
 
     real = checkpoints.write_checkpoint

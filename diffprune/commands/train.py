@@ -32,6 +32,7 @@ def _float_or_none(text: str):
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..runs import METHODS
+    from ..candidates import IMPORTANCE
     from ..config import GROUP_PENALTIES
     from ..tasks import GLUE_TASKS
     from ..training import DEFAULT_LR, TrainConfig
@@ -120,6 +121,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "by an importance warm-up: memory O(c n) instead of O(n)")
     g.add_argument("--candidate-warmup-steps", type=int, default=d.candidate_warmup_steps,
                    help="batches of that warm-up (default 200, at most one epoch)")
+    g.add_argument("--candidate-importance", choices=IMPORTANCE, default=d.candidate_importance,
+                   help="how that warm-up ranks entries: grad = accumulated |gradient| over all tensors (default); "
+                        "grad_per_tensor = each tensor's divided by its root mean square")
     g.add_argument("--fsdp", action="store_true",
                    help="FSDP2 over the processes: frozen weights sharded per block, the diff state (w, alpha, "
                         "values, gradients, moments) per tensor; N processes train as one with the global batch")
@@ -165,7 +169,8 @@ def run(args) -> int:
         alpha_dtype=args.alpha_dtype, recompute_weights=args.recompute_weights, theta_dtype=args.theta_dtype,
         moments_dtype=args.moments_dtype, w_dtype=args.w_dtype,
         gradient_checkpointing=args.gradient_checkpointing, candidates=args.candidates,
-        candidate_warmup_steps=args.candidate_warmup_steps, family=args.family, target_modules=args.target_modules,
+        candidate_warmup_steps=args.candidate_warmup_steps,
+        candidate_importance=args.candidate_importance, family=args.family, target_modules=args.target_modules,
         generation_max_new_tokens=args.generation_max_new_tokens, stop_after=args.stop_after, from_l0=args.from_l0,
         fsdp=args.fsdp,
     )

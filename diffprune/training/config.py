@@ -90,6 +90,10 @@ class TrainConfig:
     """diff / structured: restrict the L0 stage to this fraction of entries, picked by an importance warm-up."""
     candidate_warmup_steps: int = 200
     """Batches of the importance warm-up (at most one epoch); the head trains meanwhile."""
+    candidate_importance: str = "grad"
+    """How the warm-up ranks entries (`diffprune.candidates.IMPORTANCE`): "grad", the accumulated |gradient|,
+    one ranking over all tensors; "grad_per_tensor", each tensor's accumulated |gradient| divided by its root
+    mean square, so that the tensors nearest the loss (larger gradients) do not take most candidates."""
     family: str | None = None
     """"classifier" or "causal-lm" (`diffprune.families`); None: causal-lm when the training file holds
     prompt/completion, messages or text rows (`diffprune.lmdata`), else classifier."""
@@ -167,6 +171,10 @@ class TrainConfig:
             if isinstance(self.candidate_warmup_steps, bool) or not isinstance(self.candidate_warmup_steps, int) \
                     or self.candidate_warmup_steps < 1:
                 raise ConfigError(f"--candidate-warmup-steps {self.candidate_warmup_steps!r} must be an integer >= 1")
+        from ..candidates import IMPORTANCE
+        if self.candidate_importance not in IMPORTANCE:
+            raise ConfigError(f"--candidate-importance {self.candidate_importance!r} is not one of "
+                              f"{', '.join(IMPORTANCE)}")
         if self.fsdp:
             if method.artefact != "diff":
                 diff_methods = ", ".join(n for n, m in METHODS.items() if m.artefact == "diff")
@@ -212,7 +220,7 @@ RESUME_KEYS = (
     "alpha_lr", "fixmask_lr", "batch_size", "max_seq_length", "max_train_samples", "seed", "train_file",
     "validation_file", "text_columns", "label_column", "max_eval_samples", "head_lr", "max_grad_norm", "lora_r",
     "lora_alpha", "lora_dropout", "task_type", "alpha_dtype", "theta_dtype", "moments_dtype", "w_dtype", "memory", "candidates",
-    "candidate_warmup_steps", "family", "target_modules", "generation_max_new_tokens", "fsdp",
+    "candidate_warmup_steps", "candidate_importance", "family", "target_modules", "generation_max_new_tokens", "fsdp",
 )
 
 # Settings whose default changed after runs had been made without recording them: a checkpoint or

@@ -162,7 +162,7 @@ def candidate_warmup(model, cfg: TrainConfig, n_train: int, make_batch, acc, aut
 
     scores = candidates.importance(model, batches(), head_opt, on_step=on_step, autocast=autocast)
     bar.close()
-    chosen = candidates.select(scores, cfg.candidates)
+    chosen = candidates.select(scores, cfg.candidates, importance=cfg.candidate_importance)
     del scores
     model.set_candidates(chosen)
     n = sum(int(v.numel()) for v in chosen.values())
@@ -170,6 +170,7 @@ def candidate_warmup(model, cfg: TrainConfig, n_train: int, make_batch, acc, aut
     pos.train_seconds += seconds
     if log_path is not None:
         log_event(log_path, {"event": "candidates", "candidates": n, "fraction": cfg.candidates, "warmup_steps": steps,
+                             "importance": cfg.candidate_importance,
                         "seconds": round(seconds, 3)})
     if show:
         print(f"candidates: {n:,} entries ({cfg.candidates:.1%} of {model.n_diffed:,}) from a {steps}-batch "
