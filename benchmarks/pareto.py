@@ -17,9 +17,14 @@ Points per task (seed 0):
                           fp32 and bf16
   bitfit, full            the two ends (BitFit: biases + head; a diff of the biases, fp32/bf16/int8)
 
-Learning rates: every method gets the same search, two values (`LRS`) at its reference point
-(`REFERENCE`: 0.5%, r=8, ...), chosen per task on the validation score; the method's other points
-use the chosen value. Scores are GLUE validation scores (per-task mean of its metrics x 100), the
+Learning rates: every point of every method is the better of two learning rates of the stage that
+trains its stored values, chosen per task and point on the validation score: LoRA and SHiRA three
+values of their learning rate (`LRS`) at every rank; structured and magnitude two values of the
+fixed-mask stage's (`FIXMASK_LRS`) at every budget, from the first stage whose learning rate (two
+values, `LRS`) won at the reference budget 0.5% (`REFERENCE`); BitFit and full finetuning, one point
+each, two values. (On 500 examples the fixed-mask stage has ~90 steps: at 0.1% its lr 5e-4 left
+SST-2 at 70.9 where 5e-3 reached 78.0, so one fixed value would have compared an under-trained
+diff with a tuned LoRA.) Scores are GLUE validation scores (per-task mean of its metrics x 100), the
 same data used to choose the learning rate, as in the paper and in GLUE dev-set reporting.
 
 Writes benchmarks/results/pareto.{md,json,png}.
@@ -55,7 +60,7 @@ SIZES = {
 }
 REFERENCE = {"structured": 0.005, "magnitude": 0.005, "lora": 8, "shira": 0.005, "bitfit": None, "full": None}
 LRS = {  # the searched values of each method's first-stage learning rate (structured/magnitude: w; fixed-mask 5e-4)
-    "structured": (1e-4, 5e-4), "magnitude": (5e-5, 1e-4), "lora": (1e-3, 2e-3), "shira": (5e-4, 2e-3),
+    "structured": (1e-4, 5e-4), "magnitude": (5e-5, 1e-4), "lora": (1e-3, 2e-3, 5e-3), "shira": (5e-4, 2e-3, 5e-3),
     "bitfit": (1e-3, 5e-3), "full": (5e-5, 1e-4),
 }
 VALUE_DTYPES = {"structured": ("fp32", "bf16", "int8"), "magnitude": ("fp32", "bf16", "int8"),
@@ -64,6 +69,8 @@ VALUE_DTYPES = {"structured": ("fp32", "bf16", "int8"), "magnitude": ("fp32", "b
 TITLES = {"structured": "structured diff pruning", "magnitude": "magnitude (non-adaptive)", "lora": "LoRA (q,v)",
           "shira": "SHiRA (q,v)", "bitfit": "BitFit", "full": "full finetuning"}
 COMMON = {"batch_size": 16, "max_seq_length": 128, "epochs": 3, "fixmask_epochs": 3, "fixmask_lr": 5e-4}
+FIXMASK_LRS = (5e-4, 5e-3)  # the fixed-mask stage's searched values (structured, magnitude); the first is COMMON's
+PER_POINT_LR = ("lora", "shira")  # LRS searched at every size (structured / magnitude: FIXMASK_LRS at every size)
 EXTRA_SEEDS = {"tasks": ("rte", "mrpc"), "points": (("structured", 0.005), ("lora", 8)), "seeds": (1, 2)}
 
 
@@ -74,11 +81,13 @@ class Point:
     size: float | int | None
     lr: float
     seed: int = 0
+    fixmask_lr: float | None = None  # structured / magnitude: None = COMMON's
 
     @property
     def name(self) -> str:
         size = "" if self.size is None else (f"-r{self.size}" if self.method == "lora" else f"-{self.size:g}")
-        return f"{self.task}-{self.method}{size}-lr{self.lr:g}-s{self.seed}"
+        flr = "" if self.fixmask_lr in (None, COMMON["fixmask_lr"]) else f"-flr{self.fixmask_lr:g}"
+        return f"{self.task}-{self.method}{size}-lr{self.lr:g}{flr}-s{self.seed}"
 
     @property
     def l0_name(self) -> str:
@@ -99,6 +108,8 @@ def train_config(p: Point, args, out: Path, **kw):
         settings["lora_r"] = p.size
     if p.method in ("structured", "magnitude", "shira") and p.size is not None:
         settings["target_sparsity"] = p.size
+    if p.fixmask_lr is not None:
+        settings["fixmask_lr"] = p.fixmask_lr
     settings.update(kw)
     return TrainConfig(output_dir=str(out), task=p.task, data_dir=args.data_dir, model=args.model, method=p.method,
                        lr=p.lr, seed=p.seed,
@@ -272,16 +283,23 @@ def evaluate(run_dir: Path, args) -> dict:
 
 
 # ---- the grid ---------------------------------------------------------------------------------------
-def chosen_lr(task: str, method: str, work: Path, seed: int = 0) -> float | None:
-    """The searched learning rate with the best fp32 validation score at the method's reference point
-    (None until both search runs are done; ties: the smaller)."""
+def _best(points: list[Point], work: Path) -> Point | None:
+    """The point with the best fp32 validation score (None until all are done; ties: the smaller rates)."""
     scores = {}
-    for lr in LRS[method]:
-        path = work / Point(task, method, REFERENCE[method], lr, seed).name / "pareto_records.json"
+    for p in points:
+        path = work / p.name / "pareto_records.json"
         if not path.exists():
             return None
-        scores[lr] = next(r["score"] for r in json.loads(path.read_text()) if r["value_dtype"] == "fp32")
-    return max(sorted(scores), key=lambda lr: scores[lr])
+        scores[p] = next(r["score"] for r in json.loads(path.read_text()) if r["value_dtype"] == "fp32")
+    return max(sorted(points, key=lambda p: (p.lr, p.fixmask_lr or 0)), key=lambda p: scores[p])
+
+
+def chosen_lr(task: str, method: str, work: Path, seed: int = 0) -> float | None:
+    """The searched learning rate with the best fp32 validation score at the method's reference point
+    (structured / magnitude: of the first stage, both at the common fixed-mask lr; None until both search
+    runs are done; ties: the smaller)."""
+    best = _best([Point(task, method, REFERENCE[method], lr, seed) for lr in LRS[method]], work)
+    return None if best is None else best.lr
 
 
 def jobs(task: str, method: str, work: Path, extra_seeds: bool) -> tuple[list[Point], bool]:
@@ -290,9 +308,19 @@ def jobs(task: str, method: str, work: Path, extra_seeds: bool) -> tuple[list[Po
     lr = chosen_lr(task, method, work)
     if lr is None:
         return ref, True
-    rest = [Point(task, method, s, lr) for s in SIZES[method] if s != REFERENCE[method]]
+    if method in ("structured", "magnitude"):  # every budget at both fixed-mask rates, from the chosen first stage
+        rest = [Point(task, method, s, lr, fixmask_lr=f) for s in SIZES[method] for f in FIXMASK_LRS
+                if (s, f) != (REFERENCE[method], COMMON["fixmask_lr"])]
+    elif method in PER_POINT_LR:
+        rest = [Point(task, method, s, other) for s in SIZES[method] if s != REFERENCE[method] for other in LRS[method]]
+    else:
+        rest = []
     if extra_seeds and task in EXTRA_SEEDS["tasks"] and (method, REFERENCE[method]) in EXTRA_SEEDS["points"]:
-        rest += [Point(task, method, REFERENCE[method], lr, seed) for seed in EXTRA_SEEDS["seeds"]]
+        ref_point = _best([Point(task, method, REFERENCE[method], lr, fixmask_lr=f) for f in FIXMASK_LRS], work) \
+            if method in ("structured", "magnitude") else Point(task, method, REFERENCE[method], lr)
+        if ref_point is None:  # its fixed-mask rate is not chosen yet
+            return ref + rest, True
+        rest += [Point(task, method, REFERENCE[method], lr, seed, ref_point.fixmask_lr) for seed in EXTRA_SEEDS["seeds"]]
     return ref + rest, False
 
 
@@ -381,29 +409,49 @@ def _size_label(method: str, size) -> str:
     return f"r={size}" if method == "lora" else f"{100 * size:g}%"
 
 
-def curve_rows(records: list[dict], tasks: list[str]) -> list[dict]:
-    """One row per (method, size, value dtype) at the chosen learning rate, seed 0: score and bytes per
-    task and their means over `tasks` (None where a task is missing)."""
-    by = {}
-    for r in records:
-        if r["seed"] != 0:
+def fixmask_lr_of(r: dict) -> float | None:
+    """The fixed-mask stage's learning rate of a structured / magnitude record (None for the other methods)."""
+    return r["settings"].get("fixmask_lr", COMMON["fixmask_lr"]) if r["method"] in ("structured", "magnitude") else None
+
+
+def chosen_runs(records: list[dict]) -> dict[tuple, str]:
+    """(method, size, task) -> the run chosen on the fp32 validation score, seed 0: structured / magnitude
+    from the first stage whose lr won at the reference budget (at the common fixed-mask lr), the better of
+    its fixed-mask rates; LoRA / SHiRA the better lr at each size; BitFit / full the better lr. Ties: the
+    smaller rates."""
+    fp32 = [r for r in records if r["seed"] == 0 and r["value_dtype"] == "fp32"]
+    first_lr = {}
+    for r in fp32:
+        if r["method"] in ("structured", "magnitude") and r["size"] == REFERENCE[r["method"]] \
+                and fixmask_lr_of(r) == COMMON["fixmask_lr"]:
+            key = (r["method"], r["task"])
+            if key not in first_lr or (r["score"], -r["lr"]) > first_lr[key]:
+                first_lr[key] = (r["score"], -r["lr"])
+    best: dict[tuple, dict] = {}
+    for r in fp32:
+        if r["method"] in ("structured", "magnitude") and -first_lr[(r["method"], r["task"])][1] != r["lr"]:
             continue
-        by.setdefault((r["method"], r["size"], r["value_dtype"], r["task"]), []).append(r)
+        key = (r["method"], r["size"], r["task"])
+        rank = (r["score"], -r["lr"], -(fixmask_lr_of(r) or 0))
+        if key not in best or rank > best[key][0]:
+            best[key] = (rank, r)
+    return {k: r["run"] for k, (_, r) in best.items()}
+
+
+def curve_rows(records: list[dict], tasks: list[str]) -> list[dict]:
+    """One row per (method, size, value dtype) at the chosen learning rates (`chosen_runs`), seed 0: score
+    and bytes per task and their means over `tasks` (None where a task is missing)."""
+    runs = chosen_runs(records)
+    by = {(r["run"], r["value_dtype"]): r for r in records if r["seed"] == 0}
     rows = []
-    work_lr = {}
-    for (method, size, dtype, task), rs in by.items():
-        if size == REFERENCE[method] and dtype == "fp32":
-            best = max(rs, key=lambda r: (r["score"], -r["lr"]))
-            work_lr[(method, task)] = best["lr"]
     for method in SIZES:
         for size in SIZES[method]:
             for dtype in VALUE_DTYPES[method]:
                 cells = {}
                 for task in tasks:
-                    lr = work_lr.get((method, task))
-                    hit = [r for r in by.get((method, size, dtype, task), []) if r["lr"] == lr]
+                    hit = by.get((runs.get((method, size, task)), dtype))
                     if hit:
-                        cells[task] = hit[0]
+                        cells[task] = hit
                 if not cells:
                     continue
                 done = all(t in cells for t in tasks)
@@ -446,12 +494,15 @@ def write_report(records: list[dict], args) -> str:
         lines.append(f"| {TITLES[row['method']]} | {_size_label(row['method'], row['size'])} | {row['value_dtype']} | "
                      f"{cells} | {avg} | {_kb(row['bytes'])} | {row['task_parameters']:,.0f} |")
     lines += _dominance(rows)
-    lines += ["", "## Learning-rate search (reference point, fp32 score; the chosen value in bold)", "",
-              "| task | method | point | " + " | ".join(f"lr {i + 1}" for i in range(2)) + " |", "|---|---|---|---|---|"]
+    width = max(len(v) for v in LRS.values())
+    lines += ["", f"## Learning-rate search (reference point, fp32 score; the chosen value in bold; structured / magnitude: the "
+              f"first stage's lr, at fixed-mask lr {COMMON['fixmask_lr']:g})", "",
+              "| task | method | point | " + " | ".join(f"lr {i + 1}" for i in range(width)) + " |",
+              "|---|---|---|" + "---|" * width]
     for task in present:
         for method in SIZES:
             ref = [r for r in records if r["task"] == task and r["method"] == method and r["size"] == REFERENCE[method]
-                   and r["value_dtype"] == "fp32" and r["seed"] == 0]
+                   and r["value_dtype"] == "fp32" and r["seed"] == 0 and fixmask_lr_of(r) in (None, COMMON["fixmask_lr"])]
             if not ref:
                 continue
             best = max(ref, key=lambda r: (r["score"], -r["lr"]))["lr"] if len(ref) == len(LRS[method]) else None
@@ -460,7 +511,9 @@ def write_report(records: list[dict], args) -> str:
                 hit = [r for r in ref if r["lr"] == lr]
                 text = f"{lr:g}: {hit[0]['score']:.1f}" if hit else f"{lr:g}: —"
                 cells.append(f"**{text}**" if lr == best else text)
+            cells += [""] * (width - len(cells))
             lines.append(f"| {task} | {method} | {_size_label(method, REFERENCE[method])} | " + " | ".join(cells) + " |")
+    lines += _per_point_search(records, present)
     seeds = [r for r in records if r["seed"] != 0 and r["value_dtype"] == "fp32"]
     if seeds:
         lines += ["", "## Seeds 0-2 (reference points, chosen learning rate, fp32)", "",
@@ -468,7 +521,7 @@ def write_report(records: list[dict], args) -> str:
         for task in EXTRA_SEEDS["tasks"]:
             for method, size in EXTRA_SEEDS["points"]:
                 rs = [r for r in records if r["task"] == task and r["method"] == method and r["size"] == size
-                      and r["value_dtype"] == "fp32" and r["lr"] == _lr_of(rows, method, size, task)]
+                      and r["value_dtype"] == "fp32" and _rates(r) == _rates_of(rows, method, size, task)]
                 if len(rs) > 1:
                     sc = [r["score"] for r in sorted(rs, key=lambda r: r["seed"])]
                     lines.append(f"| {task} | {method} | {_size_label(method, size)} | "
@@ -492,7 +545,8 @@ def write_report(records: list[dict], args) -> str:
                   "- commands: " + "; ".join(sorted({f'`{r["command"]}`' for r in records})),
                   "- structured / magnitude: the first stage of each learning rate ran once (`diffprune train "
                   "--stop-after l0`); every budget is a `--from-l0` run from it with its own projection and "
-                  "3-epoch fixed-mask stage (fixed-mask lr 5e-4). A point's train seconds include its first stage."]
+                  "3-epoch fixed-mask stage (fixed-mask lr: the better of "
+                  f"{' and '.join(format(f, 'g') for f in FIXMASK_LRS)} per budget). A point's train seconds include its first stage."]
     text = "\n".join(lines) + "\n"
     atomic_write_text(out_dir / "pareto.md", text)
     atomic_write_text(out_dir / "pareto.json", json.dumps(
@@ -504,6 +558,35 @@ def write_report(records: list[dict], args) -> str:
     return text
 
 
+def _per_point_search(records: list[dict], tasks: list[str]) -> list[str]:
+    """Each point's two searched rates and their fp32 scores (seed 0), the chosen one in bold."""
+    runs = chosen_runs(records)
+    out = ["", "## Learning-rate choice per point (fp32 score; structured / magnitude: the fixed-mask stage's lr "
+           "from the chosen first stage; LoRA / SHiRA: the lr; the chosen value in bold)", "",
+           "| method | size | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    for method in ("structured", "magnitude", *PER_POINT_LR):
+        for size in SIZES[method]:
+            cells = []
+            for task in tasks:
+                chosen = runs.get((method, size, task))
+                if chosen is None:
+                    cells.append("—")
+                    continue
+                first = next(r["lr"] for r in records if r["run"] == chosen)
+                tried = sorted((r for r in records if r["task"] == task and r["method"] == method and r["size"] == size
+                                and r["seed"] == 0 and r["value_dtype"] == "fp32"
+                                and (method in PER_POINT_LR or r["lr"] == first)), key=_rates)
+                texts = []
+                for r in tried:
+                    value = fixmask_lr_of(r) if method in ("structured", "magnitude") else r["lr"]
+                    text = f"{value:g}: {r['score']:.1f}"
+                    texts.append(f"**{text}**" if r["run"] == chosen else text)
+                cells.append(", ".join(texts))
+            if any(c != "—" for c in cells):
+                out.append(f"| {TITLES[method]} | {_size_label(method, size)} | " + " | ".join(cells) + " |")
+    return out
+
+
 def _protocol(records: list[dict]) -> str:
     sizes = {}
     for r in records:
@@ -513,10 +596,14 @@ def _protocol(records: list[dict]) -> str:
     return "; ".join(parts) or "none yet"
 
 
-def _lr_of(rows, method, size, task):
+def _rates(r: dict) -> tuple:
+    return r["lr"], fixmask_lr_of(r)
+
+
+def _rates_of(rows, method, size, task):
     for row in rows:
         if row["method"] == method and row["size"] == size and task in row["cells"]:
-            return row["cells"][task]["lr"]
+            return _rates(row["cells"][task])
     return None
 
 

@@ -21,35 +21,58 @@ def test_pareto_grid_on_a_tiny_model(tmp_path, tiny_base, glue):
                       "--no-extra-seeds", "--work-dir", str(work), "--results-dir", str(results)])
     assert rc == 0
     records = json.loads((results / "pareto.json").read_text())["records"]
-    by = {(r["method"], r["size"], r["lr"], r["value_dtype"]): r for r in records}
-    # the search: both learning rates at the reference point, the other sizes at the better one only
-    for method in ("structured", "lora", "bitfit"):
-        ref = pareto.REFERENCE[method]
-        scores = {lr: by[(method, ref, lr, "fp32")]["score"] for lr in pareto.LRS[method]}
-        chosen = max(sorted(scores), key=lambda lr: scores[lr])
-        for size in pareto.SIZES[method]:
-            for lr in pareto.LRS[method]:
-                assert ((method, size, lr, "fp32") in by) == (size == ref or lr == chosen), (method, size, lr)
-            for dtype in pareto.VALUE_DTYPES[method]:
-                assert (method, size, chosen, dtype) in by
+    by = {(r["method"], r["size"], r["lr"], pareto.fixmask_lr_of(r), r["value_dtype"]): r for r in records}
+    flr0 = pareto.COMMON["fixmask_lr"]
+
+    def fp32(method, size, lr, flr=None):
+        return by[(method, size, lr, flr, "fp32")]["score"]
+
+    # the first-stage search: both learning rates at the reference budget (common fixed-mask lr); every budget
+    # then from the better one only, at both fixed-mask rates; LoRA every lr at every rank; BitFit both
+    ref = pareto.REFERENCE["structured"]
+    first = {lr: fp32("structured", ref, lr, flr0) for lr in pareto.LRS["structured"]}
+    lr_s = max(sorted(first), key=lambda lr: first[lr])
+    tried = {(k[1], k[2], k[3]) for k in by if k[0] == "structured" and k[4] == "fp32"}
+    assert tried == {(ref, lr, flr0) for lr in pareto.LRS["structured"]} | {
+        (size, lr_s, f) for size in pareto.BUDGETS for f in pareto.FIXMASK_LRS}
+    assert {(k[1], k[2]) for k in by if k[0] == "lora" and k[4] == "fp32"} == {
+        (r, lr) for r in pareto.SIZES["lora"] for lr in pareto.LRS["lora"]}
+    assert {k[2] for k in by if k[0] == "bitfit"} == set(pareto.LRS["bitfit"])
+    # each point of the curve is its own better rate, every stored form of that run
+    runs = pareto.chosen_runs(records)
+    for size in pareto.BUDGETS:
+        scores = {f: fp32("structured", size, lr_s, f) for f in pareto.FIXMASK_LRS}
+        best = max(sorted(scores), key=lambda f: scores[f])
+        assert runs[("structured", size, "rte")] == by[("structured", size, lr_s, best, "fp32")]["run"]
+        for dtype in pareto.VALUE_DTYPES["structured"]:
+            assert ("structured", size, lr_s, best, dtype) in by
+    for r in pareto.SIZES["lora"]:
+        scores = {lr: fp32("lora", r, lr) for lr in pareto.LRS["lora"]}
+        assert runs[("lora", r, "rte")] == by[("lora", r, max(sorted(scores), key=lambda lr: scores[lr]), None, "fp32")]["run"]
+    curve = {(row["method"], row["size"], row["value_dtype"]): row for row in
+             json.loads((results / "pareto.json").read_text())["curve"]}
+    assert curve[("structured", 0.001, "int8")]["tasks"]["rte"] == by[
+        (*next(k for k, v in by.items() if v["run"] == runs[("structured", 0.001, "rte")])[:4], "int8")]["score"]
     # one first stage per learning rate, stopped after L0, and every budget forked from it
     l0_dirs = sorted(p.name for p in work.glob("rte-structured-l0-*"))
     assert l0_dirs == [f"rte-structured-l0-lr{lr:g}-s0" for lr in sorted(pareto.LRS["structured"])]
-    lr = next(r["lr"] for r in records if r["method"] == "structured" and r["size"] == 0.0005)
     for size in pareto.BUDGETS:
-        r = by[("structured", size, lr, "fp32")]
-        assert r["settings"]["from_l0"] == str(work / f"rte-structured-l0-lr{lr:g}-s0")
-        assert r["nnz"] == round(size * json.loads((work / r["run"] / "metrics.json").read_text())["n_diffed"])
-        # smaller stored forms; int8 below bf16 below fp32 on the same diff
-        assert by[("structured", size, lr, "int8")]["stored_bytes"] < by[("structured", size, lr, "bf16")][
-            "stored_bytes"] < r["stored_bytes"]
-    lora = by[("lora", 8, next(r["lr"] for r in records if r["method"] == "lora" and r["size"] == 1), "bf16")]
-    assert lora["stored_bytes"] < by[("lora", 8, lora["lr"], "fp32")]["stored_bytes"]
+        for f in pareto.FIXMASK_LRS:
+            r = by[("structured", size, lr_s, f, "fp32")]
+            assert r["settings"]["from_l0"] == str(work / f"rte-structured-l0-lr{lr_s:g}-s0")
+            assert r["settings"]["fixmask_lr"] == f and r["run"].endswith("-s0")
+            assert r["nnz"] == round(size * json.loads((work / r["run"] / "metrics.json").read_text())["n_diffed"])
+            # smaller stored forms; int8 below bf16 below fp32 on the same diff
+            assert by[("structured", size, lr_s, f, "int8")]["stored_bytes"] < by[("structured", size, lr_s, f, "bf16")][
+                "stored_bytes"] < r["stored_bytes"]
+    lora = by[("lora", 8, pareto.LRS["lora"][0], None, "bf16")]
+    assert lora["stored_bytes"] < by[("lora", 8, lora["lr"], None, "fp32")]["stored_bytes"]
     # a re-scored form is what `diffprune eval` says about that directory
     form = work / f"{lora['run']}@bf16"
     assert pareto.evaluate(form, type("A", (), {"data_dir": str(glue)}))["score"] == pytest.approx(lora["score"])
     text = (results / "pareto.md").read_text()
     assert "Tasks with every point: rte" in text and "## Learning-rate search" in text
+    assert "## Learning-rate choice per point" in text and "| structured diff pruning | 0.1% | " in text
     assert "| LoRA (q,v) | r=8 | bf16 |" in text and "Structured against LoRA" in text
     assert (results / "pareto.png").stat().st_size > 10_000
     # finished points are not trained again; another protocol in the same work dir is refused
