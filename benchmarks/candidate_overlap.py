@@ -1,0 +1,216 @@
+"""Which entries the candidate warm-up ranks first, against the masks that dense L0 runs keep.
+
+Candidate L0 (`--candidates c`) trains w and alpha only on the c * n entries a 200-batch warm-up ranks
+highest. Where it scores below the dense L0 stage (CoLA), the question is whether the ranking misses
+the entries the dense stage would keep. This runs the library's own warm-up (`diffprune train
+--candidates c`, stopped right after it), recording next to the library's bf16 sum of |dL/dtheta| the
+float32 sums of g, |g| and g^2 per entry, and reports for several rankings built from them:
+
+* coverage: the share of each given run's final mask (`--masks`: dense runs, a candidate run) that
+  lies inside the ranking's top c * n;
+* where the top c * n sit, per parameter group (layer indices folded), next to where the masks sit;
+* how much the given runs' masks share with each other (`--pairs`): two dense runs that differ in
+  one setting show how unique "the dense mask" is.
+
+    python benchmarks/candidate_overlap.py --task cola --masks dense=RUN candidates=RUN \\
+        --pairs rte:lean=RUN,w16=RUN                      # writes results/candidate_overlap.{md,json}
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import _env  # noqa: E402
+
+from diffprune import candidates  # noqa: E402
+from diffprune.diff_file import SparseDiff  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RANKINGS = {  # name -> (description, score from the float32 sums s (g), a (|g|), q (g^2) and |theta|)
+    "grad": ("sum |g| (the library's default)", lambda s, a, q, t: a),
+    "theta_grad": ("|theta| * sum |g|", lambda s, a, q, t: a * t),
+    "abs_sum": ("|sum g|", lambda s, a, q, t: s.abs()),
+    "fisher": ("sum g^2", lambda s, a, q, t: q),
+    "snr": ("|sum g| / sqrt(sum g^2)", lambda s, a, q, t: s.abs() / q.sqrt().clamp_min(1e-30)),
+    "grad_per_tensor": ("sum |g| over its tensor's RMS (`--candidate-importance grad_per_tensor`)",
+                        lambda s, a, q, t: a / a.square().mean().sqrt().clamp_min(1e-30)),
+}
+
+
+class _Stop(Exception):
+    pass
+
+
+def warmup_statistics(task: str, data_dir: str, model: str | None, fraction: float, steps: int, seed: int):
+    """The library's warm-up on `task`: float32 sums of g, |g|, g^2 and |theta| per diffed entry, and the
+    candidates the library itself chose."""
+    from diffprune.training import TrainConfig, train
+
+    stats, chosen = {}, {}
+    real_importance, real_select = candidates.importance, candidates.select
+
+    def importance(dm, batches, *a, **kw):
+        theta = dm._theta()
+        handles = []
+        for name, t in theta.items():
+            stats[name] = [torch.zeros(t.shape) for _ in range(3)] + [t.detach().abs().float()]
+            t.requires_grad_(True)  # registered before the library's hook, so this one sees the gradient first
+
+            def hook(p, acc=stats[name]):
+                g = p.grad.float()
+                acc[0].add_(g)
+                acc[1].add_(g.abs())
+                acc[2].add_(g.square())
+            handles.append(t.register_post_accumulate_grad_hook(hook))
+        try:
+            return real_importance(dm, batches, *a, **kw)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def select(scores, frac, importance="grad"):
+        chosen.update(real_select(scores, frac, importance=importance))
+        raise _Stop
+
+    candidates.importance, candidates.select = importance, select
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = TrainConfig(output_dir=str(Path(tmp) / "run"), task=task, data_dir=data_dir, method="structured",
+                              candidates=fraction, candidate_warmup_steps=steps, seed=seed, progress=False,
+                              save_steps=0, **({"model": model} if model else {}))
+            try:
+                train(cfg)
+            except _Stop:
+                pass
+    finally:
+        candidates.importance, candidates.select = real_importance, real_select
+    if not chosen:
+        raise SystemExit("the warm-up did not run (is --task a task with a training set?)")
+    return stats, chosen
+
+
+def top(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """Boolean masks of the round(fraction * n) highest scores across all tensors (ties: all kept)."""
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    k = round(fraction * flat.numel())
+    cut = torch.topk(flat, k).values[-1]
+    return {n: s >= cut for n, s in scores.items()}
+
+
+def mask_of(diff: SparseDiff) -> dict[str, torch.Tensor]:
+    return {n: diff.indices[n] for n in diff.shapes}
+
+
+def coverage(sets: dict[str, torch.Tensor], mask: dict[str, torch.Tensor]) -> float:
+    hit = sum(int(sets[n].reshape(-1)[pos].sum()) for n, pos in mask.items() if n in sets)
+    return hit / max(sum(int(p.numel()) for p in mask.values()), 1)
+
+
+def overlap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Share of a's entries that b keeps too."""
+    hit = 0
+    for n, pos in a.items():
+        if n in b:
+            hit += int(torch.isin(pos, b[n]).sum())
+    return hit / max(sum(int(p.numel()) for p in a.values()), 1)
+
+
+def group(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".N.", name)
+
+
+def shares(counts: dict[str, int]) -> dict[str, float]:
+    total = sum(counts.values()) or 1
+    out = collections.Counter()
+    for n, c in counts.items():
+        out[group(n)] += c / total
+    return dict(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True)
+    p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "glue"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--fraction", type=float, default=0.05)
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--masks", nargs="+", default=[], metavar="LABEL=RUN", help="runs of --task whose masks to cover")
+    p.add_argument("--pairs", nargs="*", default=[], metavar="TASK:LABEL=RUN,LABEL=RUN",
+                   help="two runs (any task) whose masks to compare with each other")
+    p.add_argument("--results-dir", default=str(RESULTS))
+    args = p.parse_args(argv)
+
+    masks = {}
+    for item in args.masks:
+        label, _, run = item.partition("=")
+        masks[label] = mask_of(SparseDiff.load(Path(run) / "diff.safetensors"))
+    stats, chosen = warmup_statistics(args.task, args.data_dir, args.model, args.fraction, args.warmup_steps, args.seed)
+    n = sum(v[0].numel() for v in stats.values())
+    library = {name: torch.zeros(stats[name][0].numel(), dtype=torch.bool).index_fill_(0, pos, True)
+               for name, pos in chosen.items()}
+
+    rows, where = [], {}
+    for key, (title, fn) in RANKINGS.items():
+        sets = top({name: fn(*v) for name, v in stats.items()}, args.fraction)
+        rows.append({"ranking": key, "title": title, "candidates": sum(int(s.sum()) for s in sets.values()),
+                     "same_as_library": overlap({k: torch.nonzero(v.reshape(-1)).squeeze(1) for k, v in library.items()},
+                                                {k: torch.nonzero(v.reshape(-1)).squeeze(1) for k, v in sets.items()}),
+                     "coverage": {label: coverage(sets, m) for label, m in masks.items()}})
+        where[key] = shares({name: int(s.sum()) for name, s in sets.items()})
+    for label, m in masks.items():
+        where[f"mask:{label}"] = shares({name: int(pos.numel()) for name, pos in m.items()})
+    pairs = []
+    for item in args.pairs:
+        task, _, rest = item.partition(":")
+        (la, ra), (lb, rb) = (x.split("=", 1) for x in rest.split(","))
+        a, b = (mask_of(SparseDiff.load(Path(r) / "diff.safetensors")) for r in (ra, rb))
+        pairs.append({"task": task, "a": la, "b": lb, "shared": overlap(a, b), "runs": [ra, rb]})
+
+    labels = list(masks)
+    lines = [f"# Candidate warm-up rankings against the L0 masks ({args.task})", "",
+             f"The library's warm-up (`diffprune train --task {args.task} --method structured --candidates "
+             f"{args.fraction:g} --candidate-warmup-steps {args.warmup_steps}`, seed {args.seed}, stopped after it) on "
+             f"{n:,} diffed entries; each ranking's top {args.fraction:.0%} ({round(args.fraction * n):,} entries) "
+             "from float32 sums over the same batches. Coverage: the share of a run's final mask inside that top set "
+             f"(a random set covers {args.fraction:.0%}).", "",
+             "| ranking | same entries as the library's pick | " + " | ".join(f"covers mask: {m}" for m in labels) + " |",
+             "|---|---:|" + "---:|" * len(labels)]
+    for r in rows:
+        lines.append(f"| {r['title']} | {r['same_as_library']:.1%} | "
+                     + " | ".join(f"{r['coverage'][m]:.1%}" for m in labels) + " |")
+    cols = [k for k in where]
+    groups = sorted({g for d in where.values() for g in d}, key=lambda g: -max(where[c].get(g, 0) for c in cols))
+    lines += ["", "## Where the entries sit (share of each set per parameter group, layers folded)", "",
+              "| group | " + " | ".join(c.replace("mask:", "mask: ") for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for g in groups:
+        lines.append(f"| `{g}` | " + " | ".join(f"{where[c].get(g, 0):.2%}" for c in cols) + " |")
+    if pairs:
+        lines += ["", "## Masks of two runs (share of the first run's mask that the second keeps too)", "",
+                  "| task | first | second | shared |", "|---|---|---|---:|"]
+        for r in pairs:
+            lines.append(f"| {r['task']} | {r['a']} | {r['b']} | {r['shared']:.1%} |")
+    lines += ["", f"- masks: " + "; ".join(f"{m}: `{x.partition('=')[2]}`" for m, x in zip(labels, args.masks)),
+              f"- command: `{_env.command()}`", f"- machine: {_env.machine()}", f"- versions: {_env.versions()}",
+              f"- date: {_env.now()}"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    record = {"task": args.task, "fraction": args.fraction, "warmup_steps": args.warmup_steps, "seed": args.seed,
+              "entries": n, "rankings": rows, "where": where, "pairs": pairs, "masks": dict(a.split("=", 1) for a in args.masks),
+              "command": _env.command(), "machine": _env.machine(), "versions": _env.versions(), "date": _env.now()}
+    _env.write_results(Path(args.results_dir) / "candidate_overlap", text, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
