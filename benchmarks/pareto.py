@@ -479,7 +479,9 @@ def write_report(records: list[dict], args) -> str:
         f"GLUE validation scores (per-task mean of its metrics x 100) of all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M "
         f"parameters, tuned for sentence embeddings), seed 0, against the bytes each task's file takes. Training data: "
         f"{_protocol(records)}"
-        f" (the same subset for every method); full validation sets. Settings: {COMMON}.",
+        f" (the same subset for every method); full validation sets. Settings: {COMMON}; the fixed-mask lr of "
+        f"structured and magnitude is searched per point over {', '.join(format(f, 'g') for f in FIXMASK_LRS)}, "
+        f"LoRA's and SHiRA's lr per point over `LRS` (see the choice per point below).",
         "",
         f"Tasks with every point: {', '.join(complete) or 'none yet'}"
         + (f"; the average below is over those {len(complete)}." if complete else
