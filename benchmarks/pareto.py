@@ -207,7 +207,8 @@ def score_forms(p: Point, out: Path, metrics: dict, args) -> list[dict]:
     if "after_projection" in metrics:
         base["after_projection"] = metrics["after_projection"]["score"]
     records = [{**base, "value_dtype": "fp32", "score": metrics["score"], "metrics": metrics["final"],
-                "stored_bytes": metrics["stored_bytes"], "file_format": file_format(p.method, out)}]
+                "stored_bytes": metrics["stored_bytes"], "file_format": file_format(p.method, out),
+                **bits_of(p.method, out)}]
     for dtype in VALUE_DTYPES[p.method][1:]:
         form = out.parent / f"{p.name}@{dtype}"
         if p.method in ("lora", "shira"):
@@ -216,8 +217,22 @@ def score_forms(p: Point, out: Path, metrics: dict, args) -> list[dict]:
             size = compress(out, form, dtype)
         result = evaluate(form, args)
         records.append({**base, "value_dtype": dtype, "score": result["score"], "metrics": result["metrics"],
-                        "stored_bytes": size, "file_format": file_format(p.method, form)})
+                        "stored_bytes": size, "file_format": file_format(p.method, form), **bits_of(p.method, form)})
     return records
+
+
+BITS = ("bits_per_nonzero", "position_bits_per_nonzero", "position_bound_bits_per_nonzero", "value_bits_per_nonzero")
+
+
+def bits_of(method: str, run_dir: Path) -> dict:
+    """{"bits": ...} for a stored diff (`SparseDiff.summary`: coded positions + values per nonzero, the
+    positions' bound log2 C(n, k) / k); {} for the other methods' files or a run whose diff is gone."""
+    from diffprune.diff_file import SparseDiff
+
+    if method not in DIFF_METHODS or not (run_dir / "diff.safetensors").exists():
+        return {}
+    summary = SparseDiff.load(run_dir).summary()
+    return {"bits": {k: summary[k] for k in BITS}}
 
 
 DIFF_METHODS = ("structured", "magnitude", "bitfit")  # stored as diffprune diff files
@@ -392,9 +407,18 @@ def restore_published(args) -> int:
 
 
 def collect(work: Path) -> list[dict]:
+    """Every finished point's records; a diff point recorded before records carried bits per nonzero gets
+    them from its stored forms while they are still in the work dir."""
     out = []
     for path in sorted(work.glob("*/pareto_records.json")):
-        out += json.loads(path.read_text())
+        records = json.loads(path.read_text())
+        if any("bits" not in r for r in records if r["method"] in DIFF_METHODS):
+            for r in records:
+                form = path.parent if r["value_dtype"] == "fp32" else work / f"{r['run']}@{r['value_dtype']}"
+                r.update(bits_of(r["method"], form) if "bits" not in r else {})
+            if all("bits" in r for r in records if r["method"] in DIFF_METHODS):
+                atomic_write_text(path, json.dumps(records, indent=2) + "\n")
+        out += records
     return out
 
 
@@ -496,6 +520,7 @@ def write_report(records: list[dict], args) -> str:
         lines.append(f"| {TITLES[row['method']]} | {_size_label(row['method'], row['size'])} | {row['value_dtype']} | "
                      f"{cells} | {avg} | {_kb(row['bytes'])} | {row['task_parameters']:,.0f} |")
     lines += _dominance(rows)
+    lines += _bits_table(records)
     width = max(len(v) for v in LRS.values())
     lines += ["", f"## Learning-rate search (reference point, fp32 score; the chosen value in bold; structured / magnitude: the "
               f"first stage's lr, at fixed-mask lr {COMMON['fixmask_lr']:g})", "",
@@ -558,6 +583,29 @@ def write_report(records: list[dict], args) -> str:
          "records": records}, indent=1) + "\n")
     plot(rows, records, complete or present, out_dir / "pareto.png")
     return text
+
+
+def _bits_table(records: list[dict]) -> list[str]:
+    """Bits per nonzero of the stored diffs (seed 0, every run of the point that carries them): min-max."""
+    have = [r for r in records if "bits" in r and r["seed"] == 0]
+    if not have:
+        return []
+    out = ["", "## Bits per nonzero of the stored diffs (coded positions + values; every run of the grid, min-max)",
+           "", "| method | size | values | bits / nonzero | positions | bound log2 C(n, k) / k | runs |",
+           "|---|---|---|---|---|---|---|"]
+
+    def span(rs, key):
+        v = [r["bits"][key] for r in rs]
+        return f"{min(v):.2f}" if max(v) - min(v) < 0.005 else f"{min(v):.2f}-{max(v):.2f}"
+    for method in DIFF_METHODS:
+        for size in SIZES[method]:
+            for dtype in VALUE_DTYPES[method]:
+                rs = [r for r in have if r["method"] == method and r["size"] == size and r["value_dtype"] == dtype]
+                if rs:
+                    out.append(f"| {TITLES[method]} | {_size_label(method, size)} | {dtype} | {span(rs, 'bits_per_nonzero')} "
+                               f"| {span(rs, 'position_bits_per_nonzero')} | {span(rs, 'position_bound_bits_per_nonzero')} "
+                               f"| {len(rs)} |")
+    return out
 
 
 def _per_point_search(records: list[dict], tasks: list[str]) -> list[str]:

@@ -73,6 +73,13 @@ def test_pareto_grid_on_a_tiny_model(tmp_path, tiny_base, glue):
     text = (results / "pareto.md").read_text()
     assert "Tasks with every point: rte" in text and "## Learning-rate search" in text
     assert "## Learning-rate choice per point" in text and "| structured diff pruning | 0.1% | " in text
+    # bits per nonzero of every stored diff, as `SparseDiff.summary` reads the file
+    from diffprune.diff_file import SparseDiff
+    r = by[("structured", 0.001, lr_s, pareto.FIXMASK_LRS[1], "int8")]
+    summary = SparseDiff.load(work / f"{r['run']}@int8").summary()
+    assert r["bits"]["bits_per_nonzero"] == summary["bits_per_nonzero"] < by[
+        ("structured", 0.001, lr_s, pareto.FIXMASK_LRS[1], "fp32")]["bits"]["bits_per_nonzero"]
+    assert "lora" not in {x["method"] for x in records if "bits" in x} and "## Bits per nonzero" in text
     assert "| LoRA (q,v) | r=8 | bf16 |" in text and "Structured against LoRA" in text
     assert (results / "pareto.png").stat().st_size > 10_000
     # finished points are not trained again; another protocol in the same work dir is refused
