@@ -43,7 +43,7 @@ RANKINGS = {  # name -> (description, score from the float32 sums s (g), a (|g|)
     "fisher": ("sum g^2", lambda s, a, q, t: q),
     "snr": ("|sum g| / sqrt(sum g^2)", lambda s, a, q, t: s.abs() / q.sqrt().clamp_min(1e-30)),
     "grad_per_tensor": ("sum |g| over its tensor's RMS (`--candidate-importance grad_per_tensor`)",
-                        lambda s, a, q, t: a / a.square().mean().sqrt().clamp_min(1e-30)),
+                        lambda s, a, q, t: candidates.normalize_per_tensor_({"": a.clone()})[""]),
 }
 
 
@@ -157,15 +157,12 @@ def main(argv=None) -> int:
         masks[label] = mask_of(SparseDiff.load(Path(run) / "diff.safetensors"))
     stats, chosen = warmup_statistics(args.task, args.data_dir, args.model, args.fraction, args.warmup_steps, args.seed)
     n = sum(v[0].numel() for v in stats.values())
-    library = {name: torch.zeros(stats[name][0].numel(), dtype=torch.bool).index_fill_(0, pos, True)
-               for name, pos in chosen.items()}
 
     rows, where = [], {}
     for key, (title, fn) in RANKINGS.items():
         sets = top({name: fn(*v) for name, v in stats.items()}, args.fraction)
         rows.append({"ranking": key, "title": title, "candidates": sum(int(s.sum()) for s in sets.values()),
-                     "same_as_library": overlap({k: torch.nonzero(v.reshape(-1)).squeeze(1) for k, v in library.items()},
-                                                {k: torch.nonzero(v.reshape(-1)).squeeze(1) for k, v in sets.items()}),
+                     "same_as_library": coverage(sets, chosen),
                      "coverage": {label: coverage(sets, m) for label, m in masks.items()}})
         where[key] = shares({name: int(s.sum()) for name, s in sets.items()})
     for label, m in masks.items():

@@ -70,7 +70,8 @@ TITLES = {"structured": "structured diff pruning", "magnitude": "magnitude (non-
           "shira": "SHiRA (q,v)", "bitfit": "BitFit", "full": "full finetuning"}
 COMMON = {"batch_size": 16, "max_seq_length": 128, "epochs": 3, "fixmask_epochs": 3, "fixmask_lr": 5e-4}
 FIXMASK_LRS = (5e-4, 5e-3)  # the fixed-mask stage's searched values (structured, magnitude); the first is COMMON's
-PER_POINT_LR = ("lora", "shira")  # LRS searched at every size (structured / magnitude: FIXMASK_LRS at every size)
+STAGED = ("structured", "magnitude")  # one first stage feeds every budget; FIXMASK_LRS searched at every budget
+PER_POINT_LR = ("lora", "shira")  # LRS searched at every size
 EXTRA_SEEDS = {"tasks": ("rte", "mrpc"), "points": (("structured", 0.005), ("lora", 8)), "seeds": (1, 2)}
 
 
@@ -95,7 +96,7 @@ class Point:
 
     @property
     def staged(self) -> bool:  # one first stage feeds every budget
-        return self.method in ("structured", "magnitude")
+        return self.method in STAGED
 
 
 def train_config(p: Point, args, out: Path, **kw):
@@ -221,6 +222,9 @@ def score_forms(p: Point, out: Path, metrics: dict, args) -> list[dict]:
     return records
 
 
+DIFF_METHODS = ("structured", "magnitude", "bitfit")  # stored as diffprune diff files
+
+
 BITS = ("bits_per_nonzero", "position_bits_per_nonzero", "position_bound_bits_per_nonzero", "value_bits_per_nonzero")
 
 
@@ -233,9 +237,6 @@ def bits_of(method: str, run_dir: Path) -> dict:
         return {}
     summary = SparseDiff.load(run_dir).summary()
     return {"bits": {k: summary[k] for k in BITS}}
-
-
-DIFF_METHODS = ("structured", "magnitude", "bitfit")  # stored as diffprune diff files
 
 
 def current_diff_format() -> str:
@@ -323,7 +324,7 @@ def jobs(task: str, method: str, work: Path, extra_seeds: bool) -> tuple[list[Po
     lr = chosen_lr(task, method, work)
     if lr is None:
         return ref, True
-    if method in ("structured", "magnitude"):  # every budget at both fixed-mask rates, from the chosen first stage
+    if method in STAGED:  # every budget at both fixed-mask rates, from the chosen first stage
         rest = [Point(task, method, s, lr, fixmask_lr=f) for s in SIZES[method] for f in FIXMASK_LRS
                 if (s, f) != (REFERENCE[method], COMMON["fixmask_lr"])]
     elif method in PER_POINT_LR:
@@ -332,7 +333,7 @@ def jobs(task: str, method: str, work: Path, extra_seeds: bool) -> tuple[list[Po
         rest = []
     if extra_seeds and task in EXTRA_SEEDS["tasks"] and (method, REFERENCE[method]) in EXTRA_SEEDS["points"]:
         ref_point = _best([Point(task, method, REFERENCE[method], lr, fixmask_lr=f) for f in FIXMASK_LRS], work) \
-            if method in ("structured", "magnitude") else Point(task, method, REFERENCE[method], lr)
+            if method in STAGED else Point(task, method, REFERENCE[method], lr)
         if ref_point is None:  # its fixed-mask rate is not chosen yet
             return ref + rest, True
         rest += [Point(task, method, REFERENCE[method], lr, seed, ref_point.fixmask_lr) for seed in EXTRA_SEEDS["seeds"]]
@@ -415,7 +416,8 @@ def collect(work: Path) -> list[dict]:
         if any("bits" not in r for r in records if r["method"] in DIFF_METHODS):
             for r in records:
                 form = path.parent if r["value_dtype"] == "fp32" else work / f"{r['run']}@{r['value_dtype']}"
-                r.update(bits_of(r["method"], form) if "bits" not in r else {})
+                if "bits" not in r:
+                    r.update(bits_of(r["method"], form))
             if all("bits" in r for r in records if r["method"] in DIFF_METHODS):
                 atomic_write_text(path, json.dumps(records, indent=2) + "\n")
         out += records
@@ -435,7 +437,7 @@ def _size_label(method: str, size) -> str:
 
 def fixmask_lr_of(r: dict) -> float | None:
     """The fixed-mask stage's learning rate of a structured / magnitude record (None for the other methods)."""
-    return r["settings"].get("fixmask_lr", COMMON["fixmask_lr"]) if r["method"] in ("structured", "magnitude") else None
+    return r["settings"].get("fixmask_lr", COMMON["fixmask_lr"]) if r["method"] in STAGED else None
 
 
 def chosen_runs(records: list[dict]) -> dict[tuple, str]:
@@ -444,16 +446,15 @@ def chosen_runs(records: list[dict]) -> dict[tuple, str]:
     its fixed-mask rates; LoRA / SHiRA the better lr at each size; BitFit / full the better lr. Ties: the
     smaller rates."""
     fp32 = [r for r in records if r["seed"] == 0 and r["value_dtype"] == "fp32"]
-    first_lr = {}
+    first: dict[tuple, dict] = {}  # (method, task) -> the winning first stage's reference record
     for r in fp32:
-        if r["method"] in ("structured", "magnitude") and r["size"] == REFERENCE[r["method"]] \
-                and fixmask_lr_of(r) == COMMON["fixmask_lr"]:
+        if r["method"] in STAGED and r["size"] == REFERENCE[r["method"]] and fixmask_lr_of(r) == COMMON["fixmask_lr"]:
             key = (r["method"], r["task"])
-            if key not in first_lr or (r["score"], -r["lr"]) > first_lr[key]:
-                first_lr[key] = (r["score"], -r["lr"])
+            if key not in first or (r["score"], -r["lr"]) > (first[key]["score"], -first[key]["lr"]):
+                first[key] = r
     best: dict[tuple, dict] = {}
     for r in fp32:
-        if r["method"] in ("structured", "magnitude") and -first_lr[(r["method"], r["task"])][1] != r["lr"]:
+        if r["method"] in STAGED and first[(r["method"], r["task"])]["lr"] != r["lr"]:
             continue
         key = (r["method"], r["size"], r["task"])
         rank = (r["score"], -r["lr"], -(fixmask_lr_of(r) or 0))
@@ -614,7 +615,7 @@ def _per_point_search(records: list[dict], tasks: list[str]) -> list[str]:
     out = ["", "## Learning-rate choice per point (fp32 score; structured / magnitude: the fixed-mask stage's lr "
            "from the chosen first stage; LoRA / SHiRA: the lr; the chosen value in bold)", "",
            "| method | size | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
-    for method in ("structured", "magnitude", *PER_POINT_LR):
+    for method in (*STAGED, *PER_POINT_LR):
         for size in SIZES[method]:
             cells = []
             for task in tasks:
@@ -628,7 +629,7 @@ def _per_point_search(records: list[dict], tasks: list[str]) -> list[str]:
                                 and (method in PER_POINT_LR or r["lr"] == first)), key=_rates)
                 texts = []
                 for r in tried:
-                    value = fixmask_lr_of(r) if method in ("structured", "magnitude") else r["lr"]
+                    value = fixmask_lr_of(r) if method in STAGED else r["lr"]
                     text = f"{value:g}: {r['score']:.1f}"
                     texts.append(f"**{text}**" if r["run"] == chosen else text)
                 cells.append(", ".join(texts))

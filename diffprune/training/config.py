@@ -93,7 +93,7 @@ class TrainConfig:
     candidate_importance: str = "grad"
     """How the warm-up ranks entries (`diffprune.candidates.IMPORTANCE`): "grad", the accumulated |gradient|,
     one ranking over all tensors; "grad_per_tensor", each tensor's accumulated |gradient| divided by its root
-    mean square, so that the tensors nearest the loss (larger gradients) do not take most candidates."""
+    mean square, so that the tensors nearest the loss (larger gradients) do not crowd out the others."""
     family: str | None = None
     """"classifier" or "causal-lm" (`diffprune.families`); None: causal-lm when the training file holds
     prompt/completion, messages or text rows (`diffprune.lmdata`), else classifier."""

@@ -170,8 +170,7 @@ def candidate_warmup(model, cfg: TrainConfig, n_train: int, make_batch, acc, aut
     pos.train_seconds += seconds
     if log_path is not None:
         log_event(log_path, {"event": "candidates", "candidates": n, "fraction": cfg.candidates, "warmup_steps": steps,
-                             "importance": cfg.candidate_importance,
-                        "seconds": round(seconds, 3)})
+                             "importance": cfg.candidate_importance, "seconds": round(seconds, 3)})
     if show:
         print(f"candidates: {n:,} entries ({cfg.candidates:.1%} of {model.n_diffed:,}) from a {steps}-batch "
               f"importance warm-up ({seconds:.0f} s)", file=sys.stderr)
