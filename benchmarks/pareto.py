@@ -7,7 +7,7 @@ full finetuning on the GLUE tasks, every point a real run of `diffprune train` o
     python benchmarks/pareto.py --report-only            # tables and plot from the finished runs
 
 Points per task (seed 0):
-  structured, magnitude   budgets 0.05%, 0.1%, 0.25%, 0.5%, 1%: ONE first stage per learning rate
+  structured, magnitude   budgets 0.025%, 0.05%, 0.1%, 0.25%, 0.5%, 1%: ONE first stage per learning rate
                           (`--stop-after l0`), projected onto every budget by `--from-l0` runs, each
                           with its own fixed-mask stage; every diff saved as fp32, bf16 and int8 values
                           (`diffprune compress`) and each scored
@@ -53,7 +53,7 @@ from diffprune.runs import PACKAGED_MODEL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("sst2", "stsb", "mrpc", "rte", "cola")  # run order: short, informative tasks first
-BUDGETS = (0.0005, 0.001, 0.0025, 0.005, 0.01)
+BUDGETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01)  # 0.025%: below LoRA r=1's bytes
 SIZES = {
     "structured": BUDGETS, "magnitude": BUDGETS, "lora": (1, 2, 4, 8, 16), "shira": (0.001, 0.005),
     "bitfit": (None,), "full": (None,),
