@@ -6,14 +6,10 @@ import argparse
 import importlib
 import sys
 
-from .errors import DiffPruneError
+from .errors import DiffPruneError, UsageError  # noqa: F401  (UsageError: its old home, re-exported)
 
 # name -> module in diffprune.commands exposing add_parser(subparsers) and run(args) -> int
 COMMANDS = ("train", "eval", "predict", "inspect", "merge", "compress", "serve")
-
-
-class UsageError(DiffPruneError):
-    """Bad command-line input: printed as one line, exit code 2."""
 
 
 def add_base_mismatch_flag(parser: argparse.ArgumentParser) -> None:

@@ -23,3 +23,55 @@ class DiffModeError(DiffPruneError, RuntimeError):
 
 class TrainError(DiffPruneError):
     """Training cannot start or continue (output directory, checkpoint, settings, memory)."""
+
+
+class RunError(DiffPruneError):
+    """A run directory is missing, incomplete, or not a diffprune run."""
+
+
+class MethodError(DiffPruneError):
+    """A method cannot be built or loaded (e.g. a missing optional package)."""
+
+
+class DataError(DiffPruneError, ValueError):
+    """Bad task data: unknown task, missing file or column, bad label, bad encoding."""
+
+
+class UsageError(DiffPruneError):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+# ---- serving ---------------------------------------------------------------------------------------
+class TaskError(DiffPruneError):
+    """Base class of the errors about tasks of a `MultiTaskModel`."""
+
+
+class UnknownTaskError(TaskError, LookupError):
+    """The task is not loaded (never added, or removed)."""
+
+    def __str__(self) -> str:  # LookupError would quote the message
+        return str(self.args[0]) if self.args else "unknown task"
+
+
+class TaskExistsError(TaskError, ValueError):
+    """A task of that name is already loaded."""
+
+
+class InputError(TaskError, ValueError):
+    """Inputs that do not fit the task (e.g. single texts for a sentence-pair task)."""
+
+
+class PromptTooLongError(InputError):
+    """A prompt over the task's max_seq_length, or over the base's context with the tokens asked for."""
+
+
+class TaskTypeError(InputError):
+    """A call the task's type does not serve: predict on a generation task, generate on a classifier."""
+
+    def __init__(self, message: str, task_type: str):
+        super().__init__(message)
+        self.task_type = task_type
+
+
+class Overloaded(DiffPruneError):
+    """The server's queue is full (HTTP 503 with Retry-After)."""

@@ -23,15 +23,11 @@ from pathlib import Path
 import torch
 
 from . import optim
-from .errors import ConfigError, DiffPruneError
+from .errors import ConfigError, MethodError
 
 DIFF_FILE = "diff.safetensors"
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
-
-
-class MethodError(DiffPruneError):
-    """A method cannot be built or loaded (e.g. a missing optional package)."""
 
 
 def _options(cfg) -> dict:

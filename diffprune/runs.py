@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import methods as _methods
 from ._io import atomic_write_text
-from .errors import DiffPruneError
+from .errors import RunError
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
@@ -46,10 +46,6 @@ TASK_INFO_KEYS = ("base_model", "task", "task_type", "labels", "text_columns", "
 
 # Files whose presence marks a directory as a diffprune run (so --overwrite may replace it).
 RUN_MARKERS = (RUN_FILE, METRICS_FILE, "diff.safetensors", LOG_FILE, CHECKPOINT_DIR)
-
-
-class RunError(DiffPruneError):
-    """A run directory is missing, incomplete, or not a diffprune run."""
 
 
 def default_model() -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import DiffPruneError
+from .errors import DataError
 
 GLUE_HUB_ID = "nyu-mll/glue"
 CLASSIFICATION, REGRESSION = "classification", "regression"
@@ -32,10 +32,6 @@ TASK_TYPES = (CLASSIFICATION, REGRESSION)
 AMBIGUOUS_FRACTION = 0.1
 """Inference refuses numeric labels of which fewer than this fraction are non-integers (e.g. 0/1 ids and
 one 1.5): a typo in a classification file and a regression target are both plausible."""
-
-
-class DataError(DiffPruneError, ValueError):
-    """Bad task data: unknown task, missing file or column, bad label, bad encoding."""
 
 
 @dataclass(frozen=True)

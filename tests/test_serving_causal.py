@@ -24,7 +24,7 @@ openai = pytest.importorskip("openai")
 
 from diffprune import DiffModel, DiffPruningConfig, MultiTaskModel, SparseDiff  # noqa: E402
 from diffprune.generation import TextDeltaStreamer  # noqa: E402
-from diffprune.serving.multitask import TaskError, TaskTypeError  # noqa: E402
+from diffprune.errors import TaskError, TaskTypeError  # noqa: E402
 from diffprune.serving.router import TaskRouter  # noqa: E402
 from diffprune.serving.server import create_app  # noqa: E402
 

@@ -124,7 +124,7 @@ def evaluate_run(args) -> dict:
 
 
 def run(args) -> int:
-    from ..cli import UsageError
+    from ..errors import UsageError
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size} must be >= 1")

@@ -103,7 +103,7 @@ def _read_messages(path: str) -> list[dict]:
 def _generate(args, info) -> int:
     import torch
 
-    from ..cli import UsageError
+    from ..errors import UsageError
     from ..generation import TextDeltaStreamer
     from ..lmdata import render_prompt
     from ..lmeval import generate
@@ -145,7 +145,7 @@ def _generate(args, info) -> int:
 
 
 def run(args) -> int:
-    from ..cli import UsageError
+    from ..errors import UsageError
     from ..families import family_of_info
     from ..runs import load_run, read_task_info
     from ..tasks import read_texts

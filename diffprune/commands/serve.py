@@ -92,7 +92,7 @@ def run(args) -> int:
 
     import torch
 
-    from ..cli import UsageError
+    from ..errors import UsageError
     from ..diff_file import SparseDiff
     from ..families import CLASSIFIER
     from ..serving.multitask import MultiTaskModel, default_task_name, diff_family

@@ -2,7 +2,8 @@
 side by side (`TaskRouter`), and an HTTP server (`diffprune.serving.server.create_app`, with
 OpenAI-compatible endpoints for causal LMs in `openai_api`; needs the ``serve`` extra: fastapi + uvicorn)."""
 
-from .multitask import InputError, MultiTaskModel, TaskError, TaskExistsError, TaskTypeError, UnknownTaskError
+from ..errors import InputError, TaskError, TaskExistsError, TaskTypeError, UnknownTaskError
+from .multitask import MultiTaskModel
 from .router import TaskRouter
 
 __all__ = ["InputError", "MultiTaskModel", "TaskError", "TaskExistsError", "TaskRouter", "TaskTypeError", "UnknownTaskError"]

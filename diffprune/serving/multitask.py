@@ -52,7 +52,10 @@ from torch import nn
 
 from .. import apply as engine
 from ..diff_file import DIFF_FILE, SparseDiff
-from ..errors import BaseModelMismatchError, DiffFileError, DiffPruneError
+from ..errors import (
+    BaseModelMismatchError, DiffFileError, DiffPruneError, InputError, PromptTooLongError, TaskError,
+    TaskExistsError, TaskTypeError, UnknownTaskError,
+)
 from ..families import CAUSAL_LM, CLASSIFIER, GENERATION, family_of_info, get_family
 from ..fingerprint import model_fingerprint
 
@@ -63,37 +66,6 @@ TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 TASK_TYPES = ("classification", "regression")
 FAMILY_TASK_TYPES = {CLASSIFIER: TASK_TYPES, CAUSAL_LM: (GENERATION,)}
 """The task types a base of each family serves."""
-
-
-class TaskError(DiffPruneError):
-    """Base class of the errors about tasks of a `MultiTaskModel`."""
-
-
-class UnknownTaskError(TaskError, LookupError):
-    """The task is not loaded (never added, or removed)."""
-
-    def __str__(self) -> str:  # LookupError would quote the message
-        return str(self.args[0]) if self.args else "unknown task"
-
-
-class TaskExistsError(TaskError, ValueError):
-    """A task of that name is already loaded."""
-
-
-class InputError(TaskError, ValueError):
-    """Inputs that do not fit the task (e.g. single texts for a sentence-pair task)."""
-
-
-class PromptTooLongError(InputError):
-    """A prompt over the task's max_seq_length, or over the base's context with the tokens asked for."""
-
-
-class TaskTypeError(InputError):
-    """A call the task's type does not serve: predict on a generation task, generate on a classifier."""
-
-    def __init__(self, message: str, task_type: str):
-        super().__init__(message)
-        self.task_type = task_type
 
 
 # ---- per-task state ------------------------------------------------------------------------------

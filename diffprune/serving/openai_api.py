@@ -41,7 +41,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from .multitask import InputError, PromptTooLongError, TaskTypeError, UnknownTaskError
+from ..errors import InputError, PromptTooLongError, TaskTypeError, UnknownTaskError
 from .schemas import ChatCompletionRequest, CompletionRequest, _Generation, inline_schema
 
 log = logging.getLogger("diffprune.serve")
@@ -106,7 +106,8 @@ def _sse(data: Any) -> str:
 
 def register_openai_routes(app: FastAPI, router, batcher, settings) -> None:
     """Add the OpenAI-compatible routes to `app` (a `create_app` app: `router` a `TaskRouter`)."""
-    from .server import GenerationParams, Overloaded, _read_json
+    from ..errors import Overloaded
+    from .server import GenerationParams, _read_json
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError):

@@ -24,13 +24,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..diff_file import SparseDiff
+from ..errors import TaskError, TaskExistsError, UnknownTaskError
 from ..families import CAUSAL_LM, CLASSIFIER
 from .multitask import (
     MultiTaskModel,
     Stats,
-    TaskError,
-    TaskExistsError,
-    UnknownTaskError,
     check_task_name,
     default_task_name,
     diff_family,

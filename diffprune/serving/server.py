@@ -47,8 +47,11 @@ from starlette.routing import Match
 
 from .._io import proc_bytes
 from ..diff_file import CONFIG_FILE, DIFF_FILE
-from ..errors import BaseModelMismatchError, DiffFileError, DiffPruneError
-from .multitask import METRICS_FILE, InputError, MultiTaskModel, TaskError, TaskExistsError, UnknownTaskError
+from ..errors import (
+    BaseModelMismatchError, DiffFileError, DiffPruneError, InputError, Overloaded, TaskError, TaskExistsError,
+    UnknownTaskError,
+)
+from .multitask import METRICS_FILE, MultiTaskModel
 from .router import TaskRouter
 from .schemas import AddTaskRequest, PredictRequest
 
@@ -80,10 +83,6 @@ class ServerSettings:
                 raise DiffPruneError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_wait_ms < 0:
             raise DiffPruneError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
-
-
-class Overloaded(DiffPruneError):
-    """The queue is full."""
 
 
 # ---- batching ------------------------------------------------------------------------------------
