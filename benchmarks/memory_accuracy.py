@@ -55,6 +55,7 @@ SUPERSEDED = {
                                  "nearest (the code before the stochastic importance sum, 2026-12-06)",
                                  {"candidates": 0.05}),
 }
+GPU_MARK = " ᴳ"  # a seed-0 cell trained on a GPU
 PUBLISHED_DENSE = REPO / "benchmarks" / "results" / "glue_structured_study" / "per_gate_lr_1e-4" / "glue_accuracy.json"
 
 
@@ -149,6 +150,7 @@ def write_report(records: list[dict], out_dir: Path, command: str) -> str:
         "train time, 5 tasks |",
         "|---|" + "---|" * (len(TASKS) + 4),
     ]
+    on_gpu = {(r["config"], r["task"]) for r in all_records if r["seed"] == 0 and r.get("machine", {}).get("gpu")}
     seconds: dict = {}
     for r in all_records:
         if r["seed"] == 0:
@@ -157,7 +159,8 @@ def write_report(records: list[dict], out_dir: Path, command: str) -> str:
         by_task = table.get(cfg, {})
         if not by_task:
             continue
-        cells = [f"{by_task[t][0]:.1f}" if 0 in by_task.get(t, {}) else "—" for t in TASKS]
+        cells = [f"{by_task[t][0]:.1f}{GPU_MARK if (cfg, t) in on_gpu else ''}" if 0 in by_task.get(t, {}) else "—"
+                 for t in TASKS]
         avg = _avg(by_task)
         secs = seconds.get(cfg, {})
         time_cell = f"{sum(secs.values()) / 3600:.2f} h" if len(secs) == len(TASKS) else "—"
@@ -188,11 +191,17 @@ def write_report(records: list[dict], out_dir: Path, command: str) -> str:
         lines.append(f"| {r['config']} | {r['task']} | {st.get('first_stage', float('nan')):.2f} | {dens} | "
                      f"{st.get('after_projection', float('nan')):.2f} | {st['final']:.2f} | {over} |")
     dates = sorted(r["date"] for r in records)
-    machine = records[-1]["machine"] if records else {}
+    machines: dict[str, int] = {}  # every machine that ran a cell, with its count of cells
+    for r in records:
+        key = json.dumps(r["machine"], sort_keys=True)
+        machines[key] = machines.get(key, 0) + 1
     lines += ["", "## Provenance", "",
               f"- command: `{command}` (each cell: `python benchmarks/glue_accuracy.py --methods structured "
               "--set structured.KEY=VALUE ...`, recorded per run in the JSON)",
-              f"- machine: {machine}; one thread per run, two runs at a time",
+              *(f"- machine ({n} cells): {json.loads(m)}" for m, n in machines.items()),
+              "- one thread per run, two runs at a time on the CPU"
+              + (f"; cells marked {GPU_MARK.strip()} ran on the GPU named above (`benchmarks/memory_accuracy_gpu.sh`)"
+                 if any("gpu" in json.loads(m) for m in machines) else ""),
               f"- versions: {records[-1]['versions'] if records else {}}",
               f"- dates: {dates[0]} to {dates[-1]}" if dates else "- dates: —",
               f"- dense (published): {PUBLISHED_DENSE.relative_to(REPO)}"]

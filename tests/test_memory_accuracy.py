@@ -65,3 +65,31 @@ def test_a_superseded_configuration_stays_in_the_report(tmp_path):
     assert "| 49.8 |" in row
     with pytest.raises(SystemExit):
         memory_accuracy.main(["run", "--configs", "lean_nearest", *args])
+
+
+def test_cells_trained_on_a_gpu_are_marked_and_every_machine_is_listed(tmp_path):
+    """A cell a lent GPU trained (memory_accuracy_gpu.sh) sits in the same table as the CPU's: the report marks
+    it and names both machines with their counts of cells."""
+    import memory_accuracy
+
+    results, work = tmp_path / "results", tmp_path / "work"
+    results.mkdir()
+    cpu, gpu = {"cpu": "AMD EPYC", "cores": 2}, {"cpu": "Xeon", "cores": 16, "gpu": "NVIDIA H100 80GB HBM3"}
+
+    def record(config, task, machine, score):
+        return {"config": config, "task": task, "method": "structured", "seed": 0, "score": score,
+                "metrics": {"accuracy": score / 100}, "stages": {"final": score}, "train_seconds": 60.0,
+                "settings": {}, "date": "2026-12-06 12:05 UTC", "machine": machine, "versions": {}, "nnz": 1,
+                "stored_bytes": 1}
+
+    records = [record("c0.05", "rte", cpu, 56.7), record("c0.02", "rte", gpu, 55.1), record("c0.02", "mrpc", gpu, 83.0)]
+    (results / "memory_accuracy.json").write_text(json.dumps({"records": records}))
+    assert memory_accuracy.main(["report", "--tasks", "rte", "--work-dir", str(work), "--results-dir", str(results)]) == 0
+    text = (results / "memory_accuracy.md").read_text()
+    c002 = next(line for line in text.splitlines() if line.startswith("| candidate L0, `--candidates 0.02` |"))
+    c005 = next(line for line in text.splitlines() if line.startswith("| candidate L0, `--candidates 0.05` |"))
+    assert "| 55.1 ᴳ |" in c002 and "| 83.0 ᴳ |" in c002
+    assert "| 56.7 |" in c005 and "ᴳ" not in c005
+    assert "- machine (2 cells): {'cores': 16, 'cpu': 'Xeon', 'gpu': 'NVIDIA H100 80GB HBM3'}" in text
+    assert "- machine (1 cells): {'cores': 2, 'cpu': 'AMD EPYC'}" in text
+    assert "cells marked ᴳ ran on the GPU" in text
