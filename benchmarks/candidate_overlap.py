@@ -9,6 +9,10 @@ float32 sums of g, |g| and g^2 per entry, and reports for several rankings built
 * coverage: the share of each given run's final mask (`--masks`: dense runs, a candidate run) that
   lies inside the ranking's top c * n;
 * where the top c * n sit, per parameter group (layer indices folded), next to where the masks sit;
+* where they sit by layer (the first number in a parameter's name, `diffprune.analysis.layer_of`);
+* how many input features of each weight matrix they reach: |dL/dW[i, j]| = |sum_t dy_i x_j| is large
+  wherever the input feature j is (BERT-like models have a few outlier features), so a ranking by it can
+  confine a matrix's candidates to a few of its inputs;
 * how much the given runs' masks share with each other (`--pairs`): two dense runs that differ in
   one setting show how unique "the dense mask" is.
 
@@ -33,18 +37,55 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _env  # noqa: E402
 
 from diffprune import candidates  # noqa: E402
+from diffprune.analysis import NO_LAYER, layer_of  # noqa: E402
 from diffprune.diff_file import SparseDiff  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RANKINGS = {  # name -> (description, score from the float32 sums s (g), a (|g|), q (g^2) and |theta|)
-    "grad": ("sum |g| (the library's default)", lambda s, a, q, t: a),
-    "theta_grad": ("|theta| * sum |g|", lambda s, a, q, t: a * t),
-    "abs_sum": ("|sum g|", lambda s, a, q, t: s.abs()),
-    "fisher": ("sum g^2", lambda s, a, q, t: q),
-    "snr": ("|sum g| / sqrt(sum g^2)", lambda s, a, q, t: s.abs() / q.sqrt().clamp_min(1e-30)),
+
+
+def _per_input(a: torch.Tensor, axis: int | None, rms: bool) -> torch.Tensor:
+    """|g| sums over their input feature's mean (or RMS), times the tensor's: each entry ranked against its
+    input's typical gradient, the tensor's total kept (weights without an input axis unchanged)."""
+    if axis is None:
+        return a
+    if rms:
+        return a / a.square().mean(dim=1 - axis, keepdim=True).sqrt().clamp_min(1e-30) * a.square().mean().sqrt()
+    return a / a.mean(dim=1 - axis, keepdim=True).clamp_min(1e-30) * a.mean()
+
+
+RANKINGS = {  # name -> (description, score from the float32 sums s (g), a (|g|), q (g^2), |theta| and the input axis)
+    "grad": ("sum |g| (the library's default)", lambda s, a, q, t, ax: a),
+    "theta_grad": ("|theta| * sum |g|", lambda s, a, q, t, ax: a * t),
+    "abs_sum": ("|sum g|", lambda s, a, q, t, ax: s.abs()),
+    "fisher": ("sum g^2", lambda s, a, q, t, ax: q),
+    "snr": ("|sum g| / sqrt(sum g^2)", lambda s, a, q, t, ax: s.abs() / q.sqrt().clamp_min(1e-30)),
     "grad_per_tensor": ("sum |g| over its tensor's RMS (`--candidate-importance grad_per_tensor`)",
-                        lambda s, a, q, t: candidates.normalize_per_tensor_({"": a.clone()})[""]),
+                        lambda s, a, q, t, ax: candidates.normalize_per_tensor_({"": a.clone()})[""]),
+    "grad_per_input": ("sum |g| over its input feature's mean, times its tensor's",
+                       lambda s, a, q, t, ax: _per_input(a, ax, rms=False)),
+    "grad_per_input_rms": ("sum |g| over its input feature's RMS, times its tensor's",
+                           lambda s, a, q, t, ax: _per_input(a, ax, rms=True)),
+    "random": ("uniform at random (seed 0)", lambda s, a, q, t, ax: torch.rand(a.shape, generator=_RANDOM)),
 }
+_RANDOM = torch.Generator().manual_seed(0)
+
+
+def input_axes(dm) -> dict[str, int]:
+    """The axis of the input features of each diffed weight that multiplies its module's input: 1 for an
+    ``nn.Linear`` weight (out, in), 0 for a transformers ``Conv1D`` weight (in, out); a weight tied to an
+    embedding counts by its Linear owner. Embeddings, norms and biases are absent."""
+    out = {}
+    for name, owners in dm._injector.owners.items():
+        for owner in owners:
+            path, _, local = owner.rpartition(".")
+            module = dm.model.get_submodule(path) if path else dm.model
+            if local != "weight":
+                continue
+            if isinstance(module, torch.nn.Linear):
+                out[name] = 1
+            elif type(module).__name__ == "Conv1D" and module.weight.dim() == 2:
+                out[name] = 0
+    return out
 
 
 class _Stop(Exception):
@@ -56,10 +97,11 @@ def warmup_statistics(task: str, data_dir: str, model: str | None, fraction: flo
     candidates the library itself chose."""
     from diffprune.training import TrainConfig, train
 
-    stats, chosen = {}, {}
+    stats, chosen, axes = {}, {}, {}
     real_importance, real_select = candidates.importance, candidates.select
 
     def importance(dm, batches, *a, **kw):
+        axes.update(input_axes(dm))
         theta = dm._theta()
         handles = []
         for name, t in theta.items():
@@ -78,8 +120,8 @@ def warmup_statistics(task: str, data_dir: str, model: str | None, fraction: flo
             for h in handles:
                 h.remove()
 
-    def select(scores, frac, importance="grad"):
-        chosen.update(real_select(scores, frac, importance=importance))
+    def select(scores, frac, importance="grad", **kw):
+        chosen.update(real_select(scores, frac, importance=importance, **kw))
         raise _Stop
 
     candidates.importance, candidates.select = importance, select
@@ -96,7 +138,7 @@ def warmup_statistics(task: str, data_dir: str, model: str | None, fraction: flo
         candidates.importance, candidates.select = real_importance, real_select
     if not chosen:
         raise SystemExit("the warm-up did not run (is --task a task with a training set?)")
-    return stats, chosen
+    return stats, chosen, axes
 
 
 def top(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
@@ -123,6 +165,34 @@ def overlap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
         if n in b:
             hit += int(torch.isin(pos, b[n]).sum())
     return hit / max(sum(int(p.numel()) for p in a.values()), 1)
+
+
+def layer_shares(counts: dict[str, int]) -> dict[str, float]:
+    """Share of a set's entries per layer ("no layer": embeddings, pooler, final norms)."""
+    total = sum(counts.values()) or 1
+    out = collections.Counter()
+    for n, c in counts.items():
+        layer = layer_of(n)
+        out[NO_LAYER if layer is None else str(layer)] += c / total
+    return dict(out)
+
+
+def input_reach(positions: dict[str, torch.Tensor], shapes: dict[str, tuple], axes: dict[str, int]) -> dict:
+    """Over the weights with an input axis that hold entries of the set: the mean share of their input
+    features holding at least one entry, and the share of the entries in each weight's 10% most used inputs."""
+    touched, top10, weights = 0.0, 0.0, 0
+    for name, axis in axes.items():
+        pos = positions.get(name)
+        if pos is None or pos.numel() == 0:
+            continue
+        rows, cols = shapes[name]
+        inputs = (pos % cols) if axis == 1 else torch.div(pos, cols, rounding_mode="floor")
+        n_in = cols if axis == 1 else rows
+        counts = torch.bincount(inputs, minlength=n_in).sort(descending=True).values
+        touched += float((counts > 0).float().mean())
+        top10 += float(counts[:max(1, n_in // 10)].sum()) / pos.numel()
+        weights += 1
+    return {"weights": weights, "inputs_touched": touched / max(weights, 1), "in_top_10pct_inputs": top10 / max(weights, 1)}
 
 
 def group(name: str) -> str:
@@ -155,18 +225,24 @@ def main(argv=None) -> int:
     for item in args.masks:
         label, _, run = item.partition("=")
         masks[label] = mask_of(SparseDiff.load(Path(run) / "diff.safetensors"))
-    stats, chosen = warmup_statistics(args.task, args.data_dir, args.model, args.fraction, args.warmup_steps, args.seed)
+    stats, chosen, axes = warmup_statistics(args.task, args.data_dir, args.model, args.fraction, args.warmup_steps,
+                                            args.seed)
     n = sum(v[0].numel() for v in stats.values())
+    shapes = {name: tuple(v[0].shape) for name, v in stats.items()}
 
-    rows, where = [], {}
+    rows, where, by_layer, reach = [], {}, {}, {}
     for key, (title, fn) in RANKINGS.items():
-        sets = top({name: fn(*v) for name, v in stats.items()}, args.fraction)
+        sets = top({name: fn(*v, axes.get(name)) for name, v in stats.items()}, args.fraction)
         rows.append({"ranking": key, "title": title, "candidates": sum(int(s.sum()) for s in sets.values()),
                      "same_as_library": coverage(sets, chosen),
                      "coverage": {label: coverage(sets, m) for label, m in masks.items()}})
-        where[key] = shares({name: int(s.sum()) for name, s in sets.items()})
+        counts = {name: int(s.sum()) for name, s in sets.items()}
+        where[key], by_layer[key] = shares(counts), layer_shares(counts)
+        reach[key] = input_reach({name: torch.nonzero(s.reshape(-1)).squeeze(1) for name, s in sets.items()}, shapes, axes)
     for label, m in masks.items():
-        where[f"mask:{label}"] = shares({name: int(pos.numel()) for name, pos in m.items()})
+        counts = {name: int(pos.numel()) for name, pos in m.items()}
+        where[f"mask:{label}"], by_layer[f"mask:{label}"] = shares(counts), layer_shares(counts)
+        reach[f"mask:{label}"] = input_reach(m, shapes, axes)
     pairs = []
     for item in args.pairs:
         task, _, rest = item.partition(":")
@@ -192,6 +268,19 @@ def main(argv=None) -> int:
               "| group | " + " | ".join(c.replace("mask:", "mask: ") for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for g in groups:
         lines.append(f"| `{g}` | " + " | ".join(f"{where[c].get(g, 0):.2%}" for c in cols) + " |")
+    layers = sorted({k for d in by_layer.values() for k in d}, key=lambda k: (k == NO_LAYER, int(k) if k.isdigit() else 0))
+    lines += ["", "## By layer (share of each set)", "",
+              "| set | " + " | ".join(layers) + " |", "|---|" + "---:|" * len(layers)]
+    for c in cols:
+        lines.append(f"| {c.replace('mask:', 'mask: ')} | " + " | ".join(f"{by_layer[c].get(k, 0):.0%}" for k in layers) + " |")
+    lines += ["", "## Input features reached (weight matrices read by a Linear / Conv1D)", "",
+              "Per weight that holds entries of the set, averaged over those weights: the share of its input features "
+              "with at least one entry, and the share of its entries in its 10% most used input features.", "",
+              "| set | weights | input features reached | entries in the top 10% of inputs |", "|---|---:|---:|---:|"]
+    for c in cols:
+        r = reach[c]
+        lines.append(f"| {c.replace('mask:', 'mask: ')} | {r['weights']} | {r['inputs_touched']:.0%} | "
+                     f"{r['in_top_10pct_inputs']:.0%} |")
     if pairs:
         lines += ["", "## Masks of two runs (share of the first run's mask that the second keeps too)", "",
                   "| task | first | second | shared |", "|---|---|---|---:|"]
@@ -203,7 +292,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     record = {"task": args.task, "fraction": args.fraction, "warmup_steps": args.warmup_steps, "seed": args.seed,
-              "entries": n, "rankings": rows, "where": where, "pairs": pairs, "masks": dict(a.split("=", 1) for a in args.masks),
+              "entries": n, "rankings": rows, "where": where, "by_layer": by_layer, "input_reach": reach, "pairs": pairs, "masks": dict(a.split("=", 1) for a in args.masks),
               "command": _env.command(), "machine": _env.machine(), "versions": _env.versions(), "date": _env.now()}
     _env.write_results(Path(args.results_dir) / "candidate_overlap", text, record)
     return 0

@@ -44,8 +44,16 @@ CONFIGS = {
     "c0.02": ("candidate L0, `--candidates 0.02`", {"candidates": 0.02}),
     "c0.05": ("candidate L0, `--candidates 0.05`", {"candidates": 0.05}),
     "c0.10": ("candidate L0, `--candidates 0.1`", {"candidates": 0.1}),
+    "c0.05_lr5e-4": ("candidate L0, `--candidates 0.05 --lr 5e-4` (w's learning rate 5x the dense default)",
+                     {"candidates": 0.05, "lr": 5e-4}),
+    "c0.50": ("candidate L0, `--candidates 0.5` (a check of the candidate code path: half of every entry)",
+              {"candidates": 0.5}),
     "c0.05_per_tensor": ("candidate L0, `--candidates 0.05 --candidate-importance grad_per_tensor`",
                          {"candidates": 0.05, "candidate_importance": "grad_per_tensor"}),
+    "c0.05_per_input": ("candidate L0, `--candidates 0.05 --candidate-importance grad_per_input`",
+                        {"candidates": 0.05, "candidate_importance": "grad_per_input"}),
+    "c0.05_per_input_rms": ("candidate L0, `--candidates 0.05 --candidate-importance grad_per_input_rms`",
+                            {"candidates": 0.05, "candidate_importance": "grad_per_input_rms"}),
 }
 # Records of code since changed: kept in the report (restored like the others), no longer run.
 SUPERSEDED = {

@@ -34,7 +34,15 @@ def test_candidate_overlap_on_a_tiny_model(tmp_path, tiny_base, glue):
     for r in rows.values():
         assert r["candidates"] >= round(0.1 * diff.n_diffed) and 0 <= r["coverage"]["dense"] <= 1
     # shares per parameter group sum to one; a mask shares all of itself
-    for where in record["where"].values():
+    for where in [*record["where"].values(), *record["by_layer"].values()]:
         assert abs(sum(where.values()) - 1) < 1e-6
+    assert set(record["by_layer"]["mask:dense"]) <= {"0", "1", "no layer"}  # the tiny BERT has 2 layers
+    # every Linear weight of the encoder and pooler has an input axis; the dense mask's reach is a share
+    reach = record["input_reach"]
+    assert 0 < reach["mask:dense"]["weights"] <= 13 and reach["grad"]["weights"] <= 13
+    for r in reach.values():
+        assert 0 <= r["inputs_touched"] <= 1 and 0 <= r["in_top_10pct_inputs"] <= 1
+    # a random 10% of a (16, 16) or (32, 16) matrix reaches most of its inputs
+    assert reach["random"]["inputs_touched"] > 0.5
     assert record["pairs"][0]["shared"] == 1.0
     assert "| rte | a | b | 100.0% |" in (results / "candidate_overlap.md").read_text()
