@@ -167,6 +167,11 @@ def overlap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return hit / max(sum(int(p.numel()) for p in a.values()), 1)
 
 
+def _cell(text: str) -> str:
+    """Text for a markdown table cell (|g| would end the cell)."""
+    return text.replace("|", "\\|")
+
+
 def layer_shares(counts: dict[str, int]) -> dict[str, float]:
     """Share of a set's entries per layer ("no layer": embeddings, pooler, final norms)."""
     total = sum(counts.values()) or 1
@@ -260,7 +265,7 @@ def main(argv=None) -> int:
              "| ranking | same entries as the library's pick | " + " | ".join(f"covers mask: {m}" for m in labels) + " |",
              "|---|---:|" + "---:|" * len(labels)]
     for r in rows:
-        lines.append(f"| {r['title']} | {r['same_as_library']:.1%} | "
+        lines.append(f"| {_cell(r['title'])} | {r['same_as_library']:.1%} | "
                      + " | ".join(f"{r['coverage'][m]:.1%}" for m in labels) + " |")
     cols = [k for k in where]
     groups = sorted({g for d in where.values() for g in d}, key=lambda g: -max(where[c].get(g, 0) for c in cols))

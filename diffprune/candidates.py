@@ -33,7 +33,7 @@ import torch
 from . import optim
 
 _CHUNK = 1 << 22
-IMPORTANCE = ("grad", "grad_per_tensor", "grad_per_input", "grad_per_input_rms")
+IMPORTANCE = ("grad", "grad_per_tensor")
 
 
 def importance(dm, batches: Iterable[dict], head_optimizer=None, on_step=None,
@@ -96,46 +96,7 @@ def normalize_per_tensor_(scores: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return scores
 
 
-def input_axes(dm) -> dict[str, int]:
-    """The axis of the input features of each diffed weight that multiplies its module's input: 1 for an
-    ``nn.Linear`` weight (out, in), 0 for a transformers ``Conv1D`` weight (in, out), as GPT-2 has; a
-    weight tied to an embedding counts by its Linear owner. Embeddings, norms and biases are absent."""
-    out = {}
-    for name, owners in dm._injector.owners.items():
-        for owner in owners:
-            path, _, local = owner.rpartition(".")
-            module = dm.model.get_submodule(path) if path else dm.model
-            if local != "weight":
-                continue
-            if isinstance(module, torch.nn.Linear):
-                out[name] = 1
-            elif type(module).__name__ == "Conv1D" and module.weight.dim() == 2:
-                out[name] = 0
-    return out
-
-
-def normalize_per_input_(scores: dict[str, torch.Tensor], axes: dict[str, int], rms: bool = False) -> dict[str, torch.Tensor]:
-    """Divide each weight's scores by the mean of its input feature's scores (`axes`: its input axis), times
-    the tensor's mean, in place: the |gradient| of W[i, j] is sum_t |dy_i x_j|, so inputs j with large
-    activations (the outlier features of BERT-like models) would take most of a tensor's candidates,
-    confining the diff to a few input features; this ranks each entry against its input feature's typical
-    gradient and keeps the tensor's total. ``rms``: root mean squares instead of means."""
-    for name, axis in axes.items():
-        s = scores[name]
-        f = s.float()
-        if rms:
-            col = f.square().mean(dim=1 - axis, keepdim=True).sqrt_()
-            total = f.square().mean().sqrt()
-        else:
-            col = f.mean(dim=1 - axis, keepdim=True)
-            total = f.mean()
-        if float(total) > 0:
-            s.copy_((f / col.clamp_min(torch.finfo(torch.float32).tiny)).mul_(total).to(s.dtype))
-    return scores
-
-
-def select(scores: dict[str, torch.Tensor], fraction: float, importance: str = "grad",
-           input_axes: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+def select(scores: dict[str, torch.Tensor], fraction: float, importance: str = "grad") -> dict[str, torch.Tensor]:
     """Sorted flat positions of the round(fraction * n) highest scores across all tensors (`importance`:
     one of `IMPORTANCE`; "grad_per_tensor" rescales `scores` in place first)."""
     if importance not in IMPORTANCE:
@@ -149,10 +110,6 @@ def select(scores: dict[str, torch.Tensor], fraction: float, importance: str = "
             raise ValueError("the importance scores are not finite: the warm-up diverged (lower the learning rate)")
     if importance == "grad_per_tensor":
         normalize_per_tensor_(scores)
-    elif importance in ("grad_per_input", "grad_per_input_rms"):
-        if input_axes is None:
-            raise ValueError(f"importance {importance!r} needs the weights' input axes (candidates.input_axes(dm))")
-        normalize_per_input_(scores, input_axes, rms=importance.endswith("_rms"))
     hist = None
     for s in scores.values():
         flat = s.reshape(-1)

@@ -46,3 +46,45 @@ def test_candidate_overlap_on_a_tiny_model(tmp_path, tiny_base, glue):
     assert reach["random"]["inputs_touched"] > 0.5
     assert record["pairs"][0]["shared"] == 1.0
     assert "| rte | a | b | 100.0% |" in (results / "candidate_overlap.md").read_text()
+
+
+def test_input_axes_of_linear_conv1d_and_tied_weights():
+    import candidate_overlap
+    import torch
+
+    from diffprune import DiffModel, DiffPruningConfig
+
+    from .tiny_models import tiny_bert, tiny_causal
+
+    bert = DiffModel(tiny_bert(), DiffPruningConfig(candidates=0.1))
+    axes = candidate_overlap.input_axes(bert)
+    linears = {f"{n}.weight" for n, m in bert.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(axes) == linears & set(bert.diff_names) and set(axes.values()) == {1}  # not embeddings, norms, biases
+    assert "classifier.weight" not in bert.diff_names  # (the new head trains whole, undiffed)
+    gpt2 = DiffModel(tiny_causal("gpt2"), DiffPruningConfig(candidates=0.1))
+    axes = candidate_overlap.input_axes(gpt2)
+    conv = {f"{n}.weight" for n, m in gpt2.model.named_modules() if type(m).__name__ == "Conv1D"}
+    assert conv and {axes[n] for n in conv} == {0}  # Conv1D stores (in, out)
+    # the token embedding is tied to the LM head, an nn.Linear reading the hidden state: diffed once, axis 1
+    assert axes["transformer.wte.weight"] == 1 and "transformer.wpe.weight" not in axes
+
+
+def test_per_input_ranking_spreads_an_outlier_input():
+    import candidate_overlap
+    import torch
+
+    # |dL/dW[i, j]| ~ |dy_i| |x_j|: input 0 carries 100x the others' activation
+    g = torch.Generator().manual_seed(2)
+    col = torch.ones(12)
+    col[0] = 100.0
+    a = torch.rand(30, 12, generator=g) * col
+    by_grad = candidate_overlap.top({"w": a}, 0.05)["w"]
+    assert by_grad.any(dim=0).nonzero().squeeze(1).tolist() == [0]
+    for rms in (False, True):
+        s = candidate_overlap._per_input(a, 1, rms)
+        ref = a.double() / (a.double().square().mean(0).sqrt() if rms else a.double().mean(0))
+        ref = ref * (a.double().square().mean().sqrt() if rms else a.double().mean())
+        torch.testing.assert_close(s.double(), ref, rtol=1e-5, atol=0)
+        assert int(candidate_overlap.top({"w": s}, 0.05)["w"].any(dim=0).sum()) >= 4
+        torch.testing.assert_close(candidate_overlap._per_input(a.t(), 0, rms), s.t())  # Conv1D layout
+    assert candidate_overlap._per_input(a, None, False) is a

@@ -134,54 +134,6 @@ def test_select_per_tensor_ranks_within_each_tensor():
         cand.select(raw, 0.1, importance="fisher")
 
 
-def test_input_axes_of_linear_conv1d_and_tied_weights():
-    from .tiny_models import tiny_causal
-
-    bert = DiffModel(tiny_bert(), DiffPruningConfig(candidates=0.1))
-    axes = cand.input_axes(bert)
-    linears = {f"{n}.weight" for n, m in bert.model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert set(axes) == linears & set(bert.diff_names) and set(axes.values()) == {1}  # not embeddings, norms, biases
-    assert "classifier.weight" not in bert.diff_names  # (the new head trains whole, undiffed)
-    gpt2 = DiffModel(tiny_causal("gpt2"), DiffPruningConfig(candidates=0.1))
-    axes = cand.input_axes(gpt2)
-    conv = {f"{n}.weight" for n, m in gpt2.model.named_modules() if type(m).__name__ == "Conv1D"}
-    assert conv and {axes[n] for n in conv} == {0}  # Conv1D stores (in, out)
-    # the token embedding is tied to the LM head, an nn.Linear reading the hidden state: diffed once, axis 1
-    assert axes["transformer.wte.weight"] == 1 and "transformer.wpe.weight" not in axes
-
-
-@pytest.mark.parametrize("importance", ["grad_per_input", "grad_per_input_rms"])
-def test_select_per_input_spreads_candidates_beyond_outlier_inputs(importance):
-    # |dL/dW[i, j]| ~ |dy_i| |x_j|: input feature 0 carries 100x the activation of the others (the outlier
-    # features of BERT-like models), so by |gradient| every candidate of the weight sits in column 0
-    g = torch.Generator().manual_seed(2)
-    col = torch.ones(12)
-    col[0] = 100.0
-    w = (torch.rand(30, 12, generator=g) * col)  # (out, in): input axis 1
-    conv = w.t().contiguous()  # the same weight stored as Conv1D (in, out): input axis 0
-    bias = torch.rand(30, generator=g)
-    raw = {"w": w.to(torch.bfloat16), "conv": conv.to(torch.bfloat16), "bias": bias.to(torch.bfloat16)}
-    axes = {"w": 1, "conv": 0}
-    by_grad = cand.select({k: v.clone() for k, v in raw.items()}, 0.05)
-    assert set((by_grad["w"] % 12).tolist()) == {0}
-    scores = {k: v.clone() for k, v in raw.items()}
-    chosen = cand.select(scores, 0.05, importance=importance, input_axes=axes)
-    assert sum(v.numel() for v in chosen.values()) == round(0.05 * 750)
-    assert len(set((chosen["w"] % 12).tolist())) >= 4 and len(set((chosen["conv"] // 30).tolist())) >= 4
-    # each weight's scores over its input feature's mean (or RMS) times the tensor's: its total is kept
-    # for the mean, the bias untouched; reference in float64, up to bfloat16 rounding
-    def ref(t, axis):
-        t = t.double()
-        if importance.endswith("_rms"):
-            return t / t.square().mean(dim=1 - axis, keepdim=True).sqrt() * t.square().mean().sqrt()
-        return t / t.mean(dim=1 - axis, keepdim=True) * t.mean()
-    torch.testing.assert_close(scores["w"].double(), ref(raw["w"], 1), rtol=2 ** -7, atol=0)
-    torch.testing.assert_close(scores["conv"].double(), ref(raw["conv"], 0), rtol=2 ** -7, atol=0)
-    assert torch.equal(scores["bias"], raw["bias"])
-    with pytest.raises(ValueError, match="needs the weights' input axes"):
-        cand.select({k: v.clone() for k, v in raw.items()}, 0.05, importance=importance)
-
-
 def test_importance_accumulates_abs_gradients_without_keeping_them():
     model = tiny_bert()
     for m in model.modules():  # no dropout: the reference below draws no noise of its own

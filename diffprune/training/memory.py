@@ -162,8 +162,7 @@ def candidate_warmup(model, cfg: TrainConfig, n_train: int, make_batch, acc, aut
 
     scores = candidates.importance(model, batches(), head_opt, on_step=on_step, autocast=autocast)
     bar.close()
-    chosen = candidates.select(scores, cfg.candidates, importance=cfg.candidate_importance,
-                               input_axes=candidates.input_axes(model))
+    chosen = candidates.select(scores, cfg.candidates, importance=cfg.candidate_importance)
     del scores
     model.set_candidates(chosen)
     n = sum(int(v.numel()) for v in chosen.values())
