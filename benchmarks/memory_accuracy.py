@@ -41,19 +41,16 @@ CONFIGS = {
     "lean_w16": ("dense L0, `--memory lean --w-dtype bf16`", {"memory": "lean", "w_dtype": "bf16"}),
     "in_backward": ("dense L0, `--optimizer-in-backward` only", {"optimizer_in_backward": True}),
     "alpha_bf16": ("dense L0, `--alpha-dtype bf16` only", {"alpha_dtype": "bf16"}),
-    "c0.02": ("candidate L0, `--candidates 0.02`", {"candidates": 0.02}),
-    "c0.05": ("candidate L0, `--candidates 0.05`", {"candidates": 0.05}),
-    "c0.10": ("candidate L0, `--candidates 0.1`", {"candidates": 0.1}),
-    "c0.05_lr5e-4": ("candidate L0, `--candidates 0.05 --lr 5e-4` (w's learning rate 5x the dense default)",
-                     {"candidates": 0.05, "lr": 5e-4}),
-    "c0.50": ("candidate L0, `--candidates 0.5` (a check of the candidate code path: half of every entry)",
-              {"candidates": 0.5}),
-    "c0.05_per_tensor": ("candidate L0, `--candidates 0.05 --candidate-importance grad_per_tensor`",
-                         {"candidates": 0.05, "candidate_importance": "grad_per_tensor"}),
-    "c0.05_per_input": ("candidate L0, `--candidates 0.05 --candidate-importance grad_per_input`",
-                        {"candidates": 0.05, "candidate_importance": "grad_per_input"}),
-    "c0.05_per_input_rms": ("candidate L0, `--candidates 0.05 --candidate-importance grad_per_input_rms`",
-                            {"candidates": 0.05, "candidate_importance": "grad_per_input_rms"}),
+    # candidates at the dense L0's w learning rate, 1e-4 (the library's default with --candidates until 2026-12-07)
+    "c0.02": ("candidate L0, `--candidates 0.02 --lr 1e-4`", {"candidates": 0.02, "lr": 1e-4}),
+    "c0.05": ("candidate L0, `--candidates 0.05 --lr 1e-4`", {"candidates": 0.05, "lr": 1e-4}),
+    "c0.10": ("candidate L0, `--candidates 0.1 --lr 1e-4`", {"candidates": 0.1, "lr": 1e-4}),
+    "c0.05_per_tensor": ("candidate L0, `--candidates 0.05 --lr 1e-4 --candidate-importance grad_per_tensor`",
+                         {"candidates": 0.05, "lr": 1e-4, "candidate_importance": "grad_per_tensor"}),
+    # at 5e-4, the default with --candidates since 2026-12-07 (Method.candidates_lr)
+    "c0.05_lr5e-4": ("candidate L0, `--candidates 0.05` (w lr 5e-4)", {"candidates": 0.05, "lr": 5e-4}),
+    "c0.02_lr5e-4": ("candidate L0, `--candidates 0.02` (w lr 5e-4)", {"candidates": 0.02, "lr": 5e-4}),
+    "c0.10_lr5e-4": ("candidate L0, `--candidates 0.1` (w lr 5e-4)", {"candidates": 0.1, "lr": 5e-4}),
 }
 # Records of code since changed: kept in the report (restored like the others), no longer run.
 SUPERSEDED = {
@@ -62,6 +59,12 @@ SUPERSEDED = {
     "c0.05_nearest_importance": ("candidate L0, `--candidates 0.05` with the importance summed in bf16 rounded to "
                                  "nearest (the code before the stochastic importance sum, 2026-12-06)",
                                  {"candidates": 0.05}),
+    "c0.05_per_input": ("candidate L0, `--candidates 0.05 --candidate-importance grad_per_input` (each weight's summed "
+                        "absolute gradients over their input feature's mean; in the library at commit 9410e2a only)",
+                        {"candidates": 0.05, "candidate_importance": "grad_per_input"}),
+    "c0.05_per_input_rms": ("candidate L0, `--candidates 0.05 --candidate-importance grad_per_input_rms` (the same "
+                            "over the input feature's RMS; at commit 9410e2a only)",
+                            {"candidates": 0.05, "candidate_importance": "grad_per_input_rms"}),
 }
 GPU_MARK = " ᴳ"  # a seed-0 cell trained on a GPU
 PUBLISHED_DENSE = REPO / "benchmarks" / "results" / "glue_structured_study" / "per_gate_lr_1e-4" / "glue_accuracy.json"
@@ -151,7 +154,8 @@ def write_report(records: list[dict], out_dir: Path, command: str) -> str:
         "",
         "all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M parameters, tuned for sentence embeddings); GLUE validation sets; "
         "`benchmarks/glue_accuracy.py`'s protocol: full training sets except SST-2's first 8,000 examples, batch 16, "
-        "3 L0 + 3 fixed-mask epochs, sequence 128, structured defaults (per_gate, w lr 1e-4, fixed-mask lr 5e-4, "
+        "3 L0 + 3 fixed-mask epochs, sequence 128, structured defaults (per_gate, w lr 1e-4 unless a row names "
+        "another, fixed-mask lr 5e-4, "
         "λ 1.25e-7). Per-task score = mean of the task's metrics x 100. Seed 0 unless a column says otherwise.",
         "",
         "| configuration | " + " | ".join(TASKS) + " | avg | vs dense (published) | vs dense (today's code) | "

@@ -6,7 +6,8 @@
 #   WORKERS=8 DATA_DIR=../shared/glue benchmarks/memory_accuracy_gpu.sh
 #
 # Phases, in the order the issue needs them (a worker moves on when a phase has nothing left):
-#   1. candidate L0 at c = 2% and 10% on the five tasks (the issue's c grid; 5% is done on the CPU)
+#   1. candidate L0 at its default w lr (5e-4) at c = 2%, 5% and 10% on the five tasks (the issue's c
+#      grid; cells the CPU finished are skipped)
 #   2. candidate L0 5% seeds 1-2 on RTE and MRPC (the dense grid has them)
 #   3. each lean option alone: --optimizer-in-backward, --alpha-dtype bf16 (five tasks)
 #   4. --w-dtype bf16 on the two tasks the CPU did not run (CoLA, SST-2)
@@ -31,8 +32,8 @@ mkdir -p "$WORK/logs"
 bench=("$PYTHON" benchmarks/memory_accuracy.py run --data-dir "$DATA_DIR" --work-dir "$WORK" --results-dir "$RESULTS"
        ${EXTRA_ARGS:-})
 worker() {
-    "${bench[@]}" --configs c0.02 c0.10
-    "${bench[@]}" --configs c0.05 --tasks rte mrpc --seeds 1 2
+    "${bench[@]}" --configs c0.05_lr5e-4 c0.02_lr5e-4 c0.10_lr5e-4
+    "${bench[@]}" --configs c0.05_lr5e-4 --tasks rte mrpc --seeds 1 2
     "${bench[@]}" --configs in_backward alpha_bf16
     "${bench[@]}" --configs lean_w16 --tasks cola sst2
 }

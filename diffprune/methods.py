@@ -53,11 +53,21 @@ class Method:
     """What the model card says the method is."""
     default_lr: float
     """Learning rate of the first phase when none is given (README, "Defaults that differ from the paper")."""
+    candidates_lr: float | None = None
+    """The same with ``--candidates`` (None: `default_lr`): with Adam every trained entry moves about the
+    learning rate per step whatever its gradient's size, so an L0 stage on 5% of the entries changes the
+    model far less per step than the dense one at the same rate (`default_lr_for`)."""
     artefact: str = ""
     """What the run directory holds: "diff" (diff.safetensors), "model" (model/) or "adapter" (adapter/)."""
 
     projects = False
     """Whether the method projects onto a budget between its phases (and so is scored after projection)."""
+
+    def default_lr_for(self, cfg) -> float:
+        """The first phase's learning rate when `cfg` (a TrainConfig) gives none."""
+        if getattr(cfg, "candidates", None) is not None and self.candidates_lr is not None:
+            return self.candidates_lr
+        return self.default_lr
 
     def state_bytes_per_parameter(self, cfg=None) -> float:
         """Training state beyond the loaded fp32 model, per parameter: gradients and AdamW moments of
@@ -497,7 +507,7 @@ METHODS: dict[str, Method] = {
     for m in (
         DiffMethod("diff", "diff pruning (L0-regularised sparse diff, projection, fixed-mask finetuning)", 5e-4),
         DiffMethod("structured", "structured diff pruning (per-tensor group gates, projection, fixed-mask finetuning)",
-                   1e-4, structured=True),
+                   1e-4, candidates_lr=5e-4, structured=True),
         DiffMethod("magnitude", "non-adaptive diff pruning (full finetuning, keep the largest |diff|, fixed-mask "
                    "finetuning)", 5e-5, use_gates=False),
         FullMethod("full", "full finetuning", 5e-5),

@@ -17,20 +17,21 @@ def test_memory_accuracy_grid_on_a_tiny_model(tmp_path, tiny_base, glue):
     work, results = tmp_path / "work", tmp_path / "results"
     common = ["--tasks", "rte", "--model", str(tiny_base), "--data-dir", str(glue), "--max-train-samples", "32",
               "--work-dir", str(work), "--results-dir", str(results)]
-    assert memory_accuracy.main(["run", "--configs", "dense", "lean", "c0.05", *common]) == 0
+    assert memory_accuracy.main(["run", "--configs", "dense", "lean", "c0.05_lr5e-4", *common]) == 0
     payload = json.loads((results / "memory_accuracy.json").read_text())
     by = {r["config"]: r for r in payload["records"]}
-    assert set(by) == {"dense", "lean", "c0.05"}
-    assert by["lean"]["settings"]["memory"] == "lean" and by["c0.05"]["settings"]["candidates"] == 0.05
+    assert set(by) == {"dense", "lean", "c0.05_lr5e-4"}
+    assert by["lean"]["settings"]["memory"] == "lean" and by["c0.05_lr5e-4"]["settings"]["candidates"] == 0.05
+    assert by["c0.05_lr5e-4"]["settings"]["lr"] == 5e-4 and by["dense"]["settings"]["lr"] == 1e-4
     assert "memory" not in by["dense"]["settings"] and "candidates" not in by["dense"]["settings"]
     # every configuration ends at the same exact budget, through its own L0 stage
     assert len({r["nnz"] for r in by.values()}) == 1
-    run = json.loads((work / "c0.05" / "rte-structured-s0" / "run.json").read_text())
-    assert run["settings"]["candidates"] == 0.05
+    run = json.loads((work / "c0.05_lr5e-4" / "rte-structured-s0" / "run.json").read_text())
+    assert run["settings"]["candidates"] == 0.05 and run["settings"]["lr"] == 5e-4
     # the lean run stepped inside backward, and the report says how often its clipping differed
     assert set(by["lean"]["in_backward"]) == {"l0", "fixed"}
     text = (results / "memory_accuracy.md").read_text()
-    assert "| dense L0 (the default) |" in text and "`--candidates 0.05`" in text
+    assert "| dense L0 (the default) |" in text and "| candidate L0, `--candidates 0.05` (w lr 5e-4) |" in text
     assert "dense L0, published grid" in text  # the published dense grid beside today's
 
     # a fresh checkout: the published records are restored, nothing is trained again
@@ -82,12 +83,13 @@ def test_cells_trained_on_a_gpu_are_marked_and_every_machine_is_listed(tmp_path)
                 "settings": {}, "date": "2026-12-06 12:05 UTC", "machine": machine, "versions": {}, "nnz": 1,
                 "stored_bytes": 1}
 
-    records = [record("c0.05", "rte", cpu, 56.7), record("c0.02", "rte", gpu, 55.1), record("c0.02", "mrpc", gpu, 83.0)]
+    records = [record("c0.05_lr5e-4", "rte", cpu, 56.7), record("c0.02_lr5e-4", "rte", gpu, 55.1),
+               record("c0.02_lr5e-4", "mrpc", gpu, 83.0)]
     (results / "memory_accuracy.json").write_text(json.dumps({"records": records}))
     assert memory_accuracy.main(["report", "--tasks", "rte", "--work-dir", str(work), "--results-dir", str(results)]) == 0
     text = (results / "memory_accuracy.md").read_text()
-    c002 = next(line for line in text.splitlines() if line.startswith("| candidate L0, `--candidates 0.02` |"))
-    c005 = next(line for line in text.splitlines() if line.startswith("| candidate L0, `--candidates 0.05` |"))
+    c002 = next(line for line in text.splitlines() if line.startswith("| candidate L0, `--candidates 0.02` (w lr 5e-4) |"))
+    c005 = next(line for line in text.splitlines() if line.startswith("| candidate L0, `--candidates 0.05` (w lr 5e-4) |"))
     assert "| 55.1 ᴳ |" in c002 and "| 83.0 ᴳ |" in c002
     assert "| 56.7 |" in c005 and "ᴳ" not in c005
     assert "- machine (2 cells): {'cores': 16, 'cpu': 'Xeon', 'gpu': 'NVIDIA H100 80GB HBM3'}" in text

@@ -35,6 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..candidates import IMPORTANCE
     from ..config import GROUP_PENALTIES
     from ..tasks import GLUE_TASKS
+    from ..methods import get_method
     from ..training import DEFAULT_LR, TrainConfig
 
     d = TrainConfig(output_dir="")
@@ -85,7 +86,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the first stage (default 3)")
     g.add_argument("--fixmask-epochs", type=int, default=d.fixmask_epochs,
                    help="epochs of fixed-mask finetuning after projection (default 3; diff methods)")
-    lrs = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+    lrs = ", ".join(f"{k} {v:g}" + (f" ({m.candidates_lr:g} with --candidates)" if m.candidates_lr else "")
+                    for k, v in DEFAULT_LR.items() for m in [get_method(k)])
     g.add_argument("--lr", type=_float_or_none, default=None,
                    help=f"learning rate of the first stage (diff methods: of w; default by method: {lrs})")
     g.add_argument("--alpha-lr", type=float, default=d.alpha_lr, help="learning rate of the gate logits (default 0.1)")

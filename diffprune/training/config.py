@@ -117,7 +117,7 @@ class TrainConfig:
     the L0 stage once). Every other setting that shapes the L0 stage must be the same (all of `RESUME_KEYS` but `L0_FORK_FREE_KEYS`)."""
 
     def resolved_lr(self) -> float:
-        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.method]
+        return float(self.lr) if self.lr is not None else get_method(self.method).default_lr_for(self)
 
     def validate(self) -> None:
         get_method(self.method)  # ConfigError naming the methods
