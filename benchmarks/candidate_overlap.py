@@ -78,9 +78,9 @@ def input_axes(dm) -> dict[str, int]:
     for name, owners in dm._injector.owners.items():
         for owner in owners:
             path, _, local = owner.rpartition(".")
-            module = dm.model.get_submodule(path) if path else dm.model
             if local != "weight":
                 continue
+            module = dm.model.get_submodule(path) if path else dm.model
             if isinstance(module, torch.nn.Linear):
                 out[name] = 1
             elif type(module).__name__ == "Conv1D" and module.weight.dim() == 2:
@@ -172,16 +172,6 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def layer_shares(counts: dict[str, int]) -> dict[str, float]:
-    """Share of a set's entries per layer ("no layer": embeddings, pooler, final norms)."""
-    total = sum(counts.values()) or 1
-    out = collections.Counter()
-    for n, c in counts.items():
-        layer = layer_of(n)
-        out[NO_LAYER if layer is None else str(layer)] += c / total
-    return dict(out)
-
-
 def input_reach(positions: dict[str, torch.Tensor], shapes: dict[str, tuple], axes: dict[str, int]) -> dict:
     """Over the weights with an input axis that hold entries of the set: the mean share of their input
     features holding at least one entry, and the share of the entries in each weight's 10% most used inputs."""
@@ -204,11 +194,18 @@ def group(name: str) -> str:
     return re.sub(r"\.\d+\.", ".N.", name)
 
 
-def shares(counts: dict[str, int]) -> dict[str, float]:
+def layer_key(name: str) -> str:
+    """A parameter's layer as a table column ("no layer": embeddings, pooler, final norms)."""
+    layer = layer_of(name)
+    return NO_LAYER if layer is None else str(layer)
+
+
+def shares(counts: dict[str, int], key=group) -> dict[str, float]:
+    """Share of a set's entries per `key` of their parameter's name (parameter group, or `layer_key`)."""
     total = sum(counts.values()) or 1
     out = collections.Counter()
     for n, c in counts.items():
-        out[group(n)] += c / total
+        out[key(n)] += c / total
     return dict(out)
 
 
@@ -236,17 +233,18 @@ def main(argv=None) -> int:
     shapes = {name: tuple(v[0].shape) for name, v in stats.items()}
 
     rows, where, by_layer, reach = [], {}, {}, {}
+    _RANDOM.manual_seed(0)  # the "random" ranking: the same set on every run
     for key, (title, fn) in RANKINGS.items():
         sets = top({name: fn(*v, axes.get(name)) for name, v in stats.items()}, args.fraction)
         rows.append({"ranking": key, "title": title, "candidates": sum(int(s.sum()) for s in sets.values()),
                      "same_as_library": coverage(sets, chosen),
                      "coverage": {label: coverage(sets, m) for label, m in masks.items()}})
         counts = {name: int(s.sum()) for name, s in sets.items()}
-        where[key], by_layer[key] = shares(counts), layer_shares(counts)
+        where[key], by_layer[key] = shares(counts), shares(counts, layer_key)
         reach[key] = input_reach({name: torch.nonzero(s.reshape(-1)).squeeze(1) for name, s in sets.items()}, shapes, axes)
     for label, m in masks.items():
         counts = {name: int(pos.numel()) for name, pos in m.items()}
-        where[f"mask:{label}"], by_layer[f"mask:{label}"] = shares(counts), layer_shares(counts)
+        where[f"mask:{label}"], by_layer[f"mask:{label}"] = shares(counts), shares(counts, layer_key)
         reach[f"mask:{label}"] = input_reach(m, shapes, axes)
     pairs = []
     for item in args.pairs:

@@ -31,12 +31,11 @@ def _float_or_none(text: str):
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..runs import METHODS
     from ..candidates import IMPORTANCE
     from ..config import GROUP_PENALTIES
     from ..tasks import GLUE_TASKS
-    from ..methods import get_method
-    from ..training import DEFAULT_LR, TrainConfig
+    from ..methods import METHODS
+    from ..training import TrainConfig
 
     d = TrainConfig(output_dir="")
     p = subparsers.add_parser("train", help="diff-prune a model on a task", description=DESCRIPTION,
@@ -57,7 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--max-eval-samples", type=int, help="use only the first N validation examples")
     g = p.add_argument_group("model and method")
     g.add_argument("--model", help="Hugging Face model id or folder (default: the packaged all-MiniLM-L6-v2)")
-    g.add_argument("--method", choices=METHODS, default=d.method, help="default: structured")
+    g.add_argument("--method", choices=tuple(METHODS), default=d.method, help="default: structured")
     g.add_argument("--family", choices=("classifier", "causal-lm"), default=None,
                    help="model family (default: causal-lm when --train-file holds prompt/completion, messages or "
                         "text rows, else classifier)")
@@ -86,8 +85,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the first stage (default 3)")
     g.add_argument("--fixmask-epochs", type=int, default=d.fixmask_epochs,
                    help="epochs of fixed-mask finetuning after projection (default 3; diff methods)")
-    lrs = ", ".join(f"{k} {v:g}" + (f" ({m.candidates_lr:g} with --candidates)" if m.candidates_lr else "")
-                    for k, v in DEFAULT_LR.items() for m in [get_method(k)])
+    lrs = ", ".join(f"{m.name} {m.default_lr:g}"
+                    + (f" ({m.candidates_lr:g} with --candidates)" if m.candidates_lr else "") for m in METHODS.values())
     g.add_argument("--lr", type=_float_or_none, default=None,
                    help=f"learning rate of the first stage (diff methods: of w; default by method: {lrs})")
     g.add_argument("--alpha-lr", type=float, default=d.alpha_lr, help="learning rate of the gate logits (default 0.1)")
