@@ -28,8 +28,14 @@ def merged(base: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def gather(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """A copy of flat[idx] (idx: int64 positions on flat's device)."""
+    """A copy of flat[idx] (idx: int64 or int32 positions on flat's device)."""
     return flat.index_select(0, idx)
+
+
+def put(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Out of place and differentiable w.r.t. `values`: flat with `values` written at idx (int32 or int64
+    positions; the candidate L0 stage writes theta + delta at its candidates with it)."""
+    return flat.index_put((idx,), values)
 
 
 def add(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -154,12 +154,17 @@ def sampled_weight_grad(dy: torch.Tensor, x: torch.Tensor, cand: torch.Tensor, s
 
 
 def csr_of(cand: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(crow_indices, col_indices) of sorted flat positions in an (out, in) matrix."""
+    """(crow_indices, col_indices) of sorted flat positions in an (out, in) matrix: int32 when the
+    matrix has fewer than 2^31 entries (4 bytes a candidate kept for the step instead of 8), else int64."""
     out_f, in_f = shape
+    cand = cand.long()
     rows = torch.div(cand, in_f, rounding_mode="floor")
     crow = torch.zeros(out_f + 1, dtype=torch.int64, device=cand.device)
     crow[1:] = torch.bincount(rows, minlength=out_f).cumsum(0)
-    return crow, cand - rows * in_f
+    col = cand - rows * in_f
+    if out_f * in_f < 2**31:
+        crow, col = crow.to(torch.int32), col.to(torch.int32)
+    return crow, col
 
 
 class _RecomputeSaved(torch.autograd.graph.saved_tensors_hooks):

@@ -119,11 +119,17 @@ class _L0Slot(nn.Module):
 
 
 class _CandidateSlot(_L0Slot):
-    """L0 state on a tensor's candidate entries only: their flat positions (sorted) and w, alpha there."""
+    """L0 state on a tensor's candidate entries only: their flat positions (sorted) and w, alpha there.
+
+    The positions are int32 wherever the tensor has fewer than 2^31 entries (every tensor of today's
+    models; int64 beyond): 4 bytes a candidate, as much as its w, instead of 8. The ops that take them
+    (`index_select`, `index_put`, the CSR of `csr`) accept int32; checkpoints written with int64
+    positions load into either."""
 
     def __init__(self, theta: torch.Tensor, config: DiffPruningConfig, candidates: torch.Tensor):
         super().__init__(theta, config, shape=(int(candidates.numel()),))
-        self.register_buffer("candidates", candidates.to(device=theta.device, dtype=torch.int64))
+        dtype = torch.int32 if theta.numel() <= _INT32_MAX else torch.int64
+        self.register_buffer("candidates", candidates.to(device=theta.device, dtype=dtype))
         self._csr = None
 
     def csr(self, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,6 +140,9 @@ class _CandidateSlot(_L0Slot):
         if self._csr is None or self._csr[0] != key:
             self._csr = (key, layers.csr_of(c, shape))
         return self._csr[1]
+
+
+_INT32_MAX = 2**31 - 1
 
 
 class _FixedSlot(nn.Module):
@@ -300,7 +309,7 @@ class DiffModel(nn.Module):
         slot = self._slot(name)
         if isinstance(slot, _CandidateSlot):
             t = self._theta_of(name)
-            return torch.zeros(t.numel(), dtype=d.dtype, device=d.device).index_copy_(0, slot.candidates, d).view(t.shape)
+            return engine.put(torch.zeros(t.numel(), dtype=d.dtype, device=d.device), slot.candidates, d).view(t.shape)
         return d
 
     def _theta_of(self, name: str) -> torch.Tensor:
@@ -341,7 +350,7 @@ class DiffModel(nn.Module):
         base = engine.gather(t.reshape(-1), cand) if cand is not None else t
         out = self._l0_values(name, step, slot, base, for_recompute)
         if cand is not None:
-            out = t.reshape(-1).index_copy(0, cand, out).view_as(t)
+            out = engine.put(t.reshape(-1), cand, out).view_as(t)
         return out
 
     def sampled_effective(self, name: str, step: layers.Step) -> tuple | None:
@@ -361,7 +370,7 @@ class DiffModel(nn.Module):
         cand = slot.candidates
         vals = self._l0_values(name, step, slot, engine.gather(t.reshape(-1), cand), False)
         with torch.no_grad():
-            eff = t.reshape(-1).index_copy(0, cand, vals.detach().to(t.dtype)).view_as(t)
+            eff = engine.put(t.reshape(-1), cand, vals.detach().to(t.dtype)).view_as(t)
         return eff, vals, cand, slot.csr(tuple(t.shape))
 
     def _l0_values(self, name: str, step: layers.Step, slot, base: torch.Tensor, for_recompute: bool) -> torch.Tensor:
@@ -595,7 +604,7 @@ class DiffModel(nn.Module):
             for name in self.diff_names:
                 sel = chosen[name]
                 slot = self._slot(name)
-                pos = slot.candidates[sel] if isinstance(slot, _CandidateSlot) else sel
+                pos = slot.candidates[sel].long() if isinstance(slot, _CandidateSlot) else sel
                 new_slots[_slot_key(name)] = _FixedSlot(pos, self._delta_for_projection(name).reshape(-1)[sel].clone())
         self.slots = new_slots
         self._stage = "fixed"

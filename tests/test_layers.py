@@ -339,6 +339,33 @@ def _candidate_model(kind: str, fraction: float = 0.05, seed: int = 0):
     return dm, batch
 
 
+def test_candidate_positions_are_int32_and_int64_checkpoints_still_load():
+    """The candidates' positions (and a matrix's CSR of them) are kept as int32, 4 bytes a candidate; a
+    checkpoint written with int64 positions (before 2026-12-07) loads into the same state and the same
+    loss; projection hands the fixed-mask stage int64 positions, as the dense stage does."""
+    from diffprune.layers import csr_of
+
+    dm, batch = _candidate_model("bert")
+    slots = list(dm.slots.values())
+    assert all(s.candidates.dtype == torch.int32 for s in slots)
+    linear = next(n for n in dm.diff_names if dm._theta_of(n).dim() == 2)
+    crow, col = dm._slot(linear).csr(tuple(dm._theta_of(linear).shape))
+    assert crow.dtype == col.dtype == torch.int32
+    assert all(t.dtype == torch.int64 for t in csr_of(torch.tensor([3]), (2**16, 2**15)))  # 2^31 entries
+    state = dm.trainable_state_dict()
+    old = {k: v.long() if k.endswith(".candidates") else v for k, v in state.items()}
+    again, _ = _candidate_model("bert", seed=1)  # other candidates and values, overwritten by the load
+    again.load_trainable_state_dict(old)
+    assert all(s.candidates.dtype == torch.int32 for s in again.slots.values())
+    for n in dm.diff_names:
+        assert torch.equal(again._slot(n).candidates, dm._slot(n).candidates), n
+    dm.eval(), again.eval()
+    with torch.no_grad():
+        assert torch.equal(dm(**batch).logits, again(**batch).logits)
+    dm.project(0.01)
+    assert all(s.positions.dtype == torch.int64 for s in dm.slots.values())
+
+
 @pytest.mark.parametrize("setting", ["plain", "checkpointing", "recompute"])
 @pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
 def test_candidate_weights_get_a_sampled_gradient_equal_to_the_dense_one(kind, setting, monkeypatch):
