@@ -8,9 +8,10 @@
 # Phases, in the order the issue needs them (a worker moves on when a phase has nothing left):
 #   1. candidate L0 at its default w lr (5e-4) at c = 2%, 5% and 10% on the five tasks (the issue's c
 #      grid; cells the CPU finished are skipped)
-#   2. candidate L0 5% seeds 1-2 on RTE and MRPC (the dense grid has them)
-#   3. each lean option alone: --optimizer-in-backward, --alpha-dtype bf16 (five tasks)
-#   4. --w-dtype bf16 on the two tasks the CPU did not run (CoLA, SST-2)
+#   2. candidate L0 5% with --memory lean (the configuration train_cost.py measures), five tasks
+#   3. candidate L0 5% seeds 1-2 on RTE and MRPC (the dense grid has them)
+#   4. each lean option alone: --optimizer-in-backward, --alpha-dtype bf16 (five tasks)
+#   5. --w-dtype bf16 on the two tasks the CPU did not run (CoLA, SST-2)
 # The work dir starts from the published records (memory_accuracy.py restores them), so cells the CPU
 # finished are not trained again; copy a CPU work dir into WORK first to resume its half-trained cells.
 # Every finished cell rewrites $RESULTS/memory_accuracy.{md,json} (published and new records together;
@@ -33,6 +34,7 @@ bench=("$PYTHON" benchmarks/memory_accuracy.py run --data-dir "$DATA_DIR" --work
        ${EXTRA_ARGS:-})
 worker() {
     "${bench[@]}" --configs c0.05_lr5e-4 c0.02_lr5e-4 c0.10_lr5e-4
+    "${bench[@]}" --configs c0.05_lean
     "${bench[@]}" --configs c0.05_lr5e-4 --tasks rte mrpc --seeds 1 2
     "${bench[@]}" --configs in_backward alpha_bf16
     "${bench[@]}" --configs lean_w16 --tasks cola sst2
