@@ -813,6 +813,10 @@ MEMORY_MEANINGS = {  # a run's "memory": what its peak counts
 NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
 
 
+def _profile_group(prof: dict) -> str:
+    return f"{prof['model']} batch {prof['batch']} x {prof['seq_len']}"
+
+
 def write_results(summary: dict | None = None, profile: dict | None = None, results_dir: Path | None = None) -> None:
     """Merge a run or a profile into train_cost.json (keyed by model) and regenerate train_cost.md."""
     rd = Path(results_dir) if results_dir is not None else RESULTS
@@ -824,8 +828,14 @@ def write_results(summary: dict | None = None, profile: dict | None = None, resu
     if summary is not None:
         label = f" ({summary['label']})" if summary.get("label") else ""
         data["runs"][f"{summary['model']} batch {summary['batch']}{label}"] = summary
+    # one group per model and shape (files before 2026-12-07 grouped by model alone)
+    regrouped: dict = {}
+    for profs in data["profiles"].values():
+        for cfg, prof in profs.items():
+            regrouped.setdefault(_profile_group(prof), {})[cfg] = prof
+    data["profiles"] = regrouped
     if profile is not None:
-        data["profiles"].setdefault(profile["model"], {})[profile["profile"]] = profile
+        data["profiles"].setdefault(_profile_group(profile), {})[profile["profile"]] = profile
     jpath.write_text(json.dumps(data, indent=2) + "\n")
     notes = ""
     if mpath.exists():
@@ -908,13 +918,14 @@ def render_md(data: dict, notes: str = "") -> str:
         L.append("")
     if data["profiles"]:
         L += ["## Profiles (torch.profiler, CPU time per step)", ""]
-        for model, profs in data["profiles"].items():
+        for profs in data["profiles"].values():
             cfgs = [c for c in CONFIGS if c in profs]
             any_p = profs[cfgs[0]]
-            L += [f"### {model}: batch {any_p['batch']}, sequence length {any_p['seq_len']}, "
-                  f"{any_p['threads']} thread(s), {any_p['profile_steps']} profiled steps", ""]
-            L += ["Commands: " + "; ".join(f"`{profs[c].get('command', '?')}`" for c in cfgs)
-                  + f" ({any_p.get('date', '?')})", ""]
+            steps = sorted({profs[c]["profile_steps"] for c in cfgs})
+            L += [f"### {any_p['model']}: batch {any_p['batch']}, sequence length {any_p['seq_len']}, "
+                  f"{any_p['threads']} thread(s), {' or '.join(map(str, steps))} profiled steps", ""]
+            L += ["Commands: " + "; ".join(f"`{profs[c].get('command', '?')}` ({profs[c].get('date', '?')})"
+                                            for c in cfgs), ""]
             phases = ["forward", "backward", "clip", "optimizer"]
             L += ["| phase (ms / step) | " + " | ".join(TITLES[c] for c in cfgs) + " |",
                   "|---|" + "---:|" * len(cfgs)]

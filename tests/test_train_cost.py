@@ -351,3 +351,22 @@ def test_benchmark_live_memory_returns_freed_tensors():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     grown, left = map(int, out.stdout.split())
     assert grown > 60 * 1024 and left < 1024, (grown, left)
+
+
+def test_benchmark_profiles_are_grouped_by_model_and_shape(tmp_path):
+    """Profiles of one model at two shapes get a section each; a file that grouped them by model alone
+    (before 2026-12-07) is regrouped on the next write."""
+    bench = _bench_module()
+
+    def prof(cfg, batch, seq):
+        return {"profile": cfg, "model": "minilm", "batch": batch, "seq_len": seq, "threads": 1, "profile_steps": 2,
+                "command": f"cmd {cfg} {batch}", "date": "d", "ms_per_step": {"forward": 1.0, "backward": 2.0},
+                "top_ops": []}
+
+    (tmp_path / "train_cost.json").write_text(json.dumps({"runs": {}, "profiles": {"minilm": {"full": prof("full", 32, 128)}}}))
+    bench.write_results(profile=prof("candidates", 8, 64), results_dir=tmp_path)
+    data = json.loads((tmp_path / "train_cost.json").read_text())
+    assert data["profiles"] == {"minilm batch 32 x 128": {"full": prof("full", 32, 128)},
+                                "minilm batch 8 x 64": {"candidates": prof("candidates", 8, 64)}}
+    md = (tmp_path / "train_cost.md").read_text()
+    assert "### minilm: batch 32, sequence length 128" in md and "### minilm: batch 8, sequence length 64" in md
