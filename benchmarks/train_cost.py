@@ -74,7 +74,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 CONFIGS = ("full", "l0", "l0_structured", "fixed", "lora_qv8", "lora_all32", "l0_lean", "l0_lean_m16", "l0_lean_w16",
-           "candidates", "candidates_dense_grad")
+           "candidates", "candidates_dense_grad", "candidates_in_backward")
 TITLES = {
     "full": "full finetuning (AdamW)",
     "l0": "diffprune L0 stage, unstructured",
@@ -87,6 +87,7 @@ TITLES = {
     "l0_lean_w16": "diffprune L0 stage, --memory lean --w-dtype bf16",
     "candidates": "diffprune candidate L0 (5%), --memory lean, warm-up included",
     "candidates_dense_grad": "the same, weight gradient dense then gathered (before 2026-12-06)",
+    "candidates_in_backward": "the same, AdamW step inside backward (--memory lean with candidates before 2026-12-07)",
 }
 CANDIDATE_FRACTION = 0.05
 CANDIDATE_WARMUP_STEPS = 2  # the warm-up's memory is per step (no state across steps); its time is not a step
@@ -313,10 +314,12 @@ def setup(config: str, model, adamw: str, lr: float = 2e-5, batch: dict | None =
         dm.project(0.005)
         gc.collect()
         groups = dm.param_groups(lr=5e-5)
-    elif config in ("l0_lean", "l0_lean_m16", "l0_lean_w16", "candidates", "candidates_dense_grad"):
+    elif config in ("l0_lean", "l0_lean_m16", "l0_lean_w16", "candidates", "candidates_dense_grad",
+                    "candidates_in_backward"):
         # --memory lean: gate logits in bf16, effective weights recomputed in backward, the AdamW
-        # step inside backward (its clipping: the previous step's norm, so `step` does not clip)
-        from diffprune import candidates
+        # step inside backward (its clipping: the previous step's norm, so `step` does not clip) except
+        # with candidates, where lean keeps it after backward (`diffprune.lean.LEAN`)
+        from diffprune import candidates, optim
         from diffprune.lean import OptimizerInBackward
 
         frac = CANDIDATE_FRACTION if config.startswith("candidates") else None
@@ -334,7 +337,10 @@ def setup(config: str, model, adamw: str, lr: float = 2e-5, batch: dict | None =
             grp.update(impl)
         if config == "l0_lean_m16":
             groups[0]["state_dtype"] = "bf16"  # w's moments
-        opt = OptimizerInBackward(groups, max_grad_norm=1.0, weight_decay=0.0)
+        if frac is not None and config != "candidates_in_backward":
+            opt = optim.AdamW(groups, lr=lr, weight_decay=0.0)
+        else:
+            opt = OptimizerInBackward(groups, max_grad_norm=1.0, weight_decay=0.0)
         params = [p for grp in groups for p in grp["params"]]
         dm.train()
         return dm, opt, params
@@ -412,9 +418,11 @@ def worker_main(args) -> None:
                 peak = torch.cuda.max_memory_allocated() - base
             else:
                 peak = _status_kib("VmHWM") * 1024 - base
+            step_peak = peak
             if args.worker.startswith("candidates"):  # the importance warm-up ran in setup: its peak counts too
                 peak = max(peak, setup_peak)
-            proto.write(json.dumps({"peak_bytes": peak, "setup_peak_bytes": setup_peak, "hwm_reset": True if cuda else reset_ok,
+            proto.write(json.dumps({"peak_bytes": peak, "setup_peak_bytes": setup_peak, "step_peak_bytes": step_peak,
+                                    "hwm_reset": True if cuda else reset_ok,
                                     "breakdown": _breakdown(module, model, opt, params)}) + "\n")
         elif cmd == "quit":
             break
@@ -667,8 +675,9 @@ def measure(args) -> dict:
         }
         pk = w.ask("peak")
         results[cfg]["peak_bytes"] = pk["peak_bytes"]
-        if pk.get("setup_peak_bytes") is not None:
-            results[cfg]["setup_peak_bytes"] = pk["setup_peak_bytes"]
+        for key in ("setup_peak_bytes", "step_peak_bytes"):
+            if pk.get(key) is not None:
+                results[cfg][key] = pk[key]
         results[cfg]["breakdown"] = pk["breakdown"]
         ref_times += ref_round
         ref_cpu += cpu_ref
@@ -904,6 +913,11 @@ def render_md(data: dict, notes: str = "") -> str:
                     rest = c[cfg]["peak_bytes"] - b["diff_state"] - b["gradients"] - b["optimizer_state"]
                     L.append(f"| {TITLES[cfg]} | {_mib(b['diff_state'])} | {_mib(b['gradients'])} | "
                              f"{_mib(b['optimizer_state'])} | {_mib(rest)} | {_mib(c[cfg]['peak_bytes'])} |")
+        parts = [f"{TITLES[cfg]}: warm-up {_mib(c[cfg]['setup_peak_bytes'])}, L0 steps {_mib(c[cfg]['step_peak_bytes'])}"
+                 for cfg in CONFIGS if cfg.startswith("candidates") and "step_peak_bytes" in c.get(cfg, {})]
+        if parts:
+            L += ["", "The candidate stage's peak is the larger of its importance warm-up's and its L0 steps' (MiB): "
+                  + "; ".join(parts) + "."]
         L.append("")
     if data["runs"]:
         L += ["## Targets", "", "Ratios to full finetuning measured in the same run.", "",

@@ -138,8 +138,9 @@ class DiffMethod(Method):
     def state_bytes_per_parameter(self, cfg=None) -> float:
         # L0 stage: w and alpha, their gradients, four AdamW moments, and theta + delta while a step runs
         # (magnitude: no alpha). Lean options: no persistent gradients (optimizer in backward), alpha and
-        # its moments in bf16, effective weights recomputed; candidates: that state (plus int64
-        # positions) on the fraction c only, after a warm-up holding 2-byte scores for every entry.
+        # its moments in bf16, effective weights recomputed; candidates: that state (plus 8 bytes: the
+        # int32 position and a matrix's int32 CSR column) on the fraction c only, after a warm-up holding
+        # 2-byte scores for every entry (with --memory lean the gradients stay: `lean.LEAN`).
         opts = _options(cfg)
         grads = 0 if opts["optimizer_in_backward"] else 1
         wb = 2 if opts["w_dtype"] == "bf16" and self.use_gates else 4

@@ -175,6 +175,24 @@ def test_bad_memory_settings_fail_before_any_work(kw, match, tmp_path, tiny_base
     assert not (tmp_path / "run").exists()
 
 
+def test_lean_keeps_the_step_after_backward_with_candidates():
+    """--memory lean with --candidates: bf16 gate logits and recomputed weights, but the AdamW step after
+    backward (the candidates' gradients are small; exact clipping, one multi-tensor call), unless
+    --optimizer-in-backward says otherwise; the dense lean stage keeps it inside backward."""
+    from diffprune.lean import resolve
+
+    dense = resolve("lean", {}, accelerator=False)
+    cand = resolve("lean", {}, accelerator=False, candidates=0.05)
+    assert dense["optimizer_in_backward"] and not cand["optimizer_in_backward"]
+    assert {k: v for k, v in cand.items() if k != "optimizer_in_backward"} == \
+        {k: v for k, v in dense.items() if k != "optimizer_in_backward"}
+    assert cand["alpha_dtype"] == "bf16" and cand["recompute_weights"]
+    assert resolve("lean", {"optimizer_in_backward": True}, accelerator=False, candidates=0.05)["optimizer_in_backward"]
+    assert not resolve("standard", {}, accelerator=False, candidates=0.05)["optimizer_in_backward"]
+    cfg = TrainConfig(output_dir="unused", task="rte", memory="lean", candidates=0.05)
+    assert not cfg.memory_options(accelerator=False)["optimizer_in_backward"]
+
+
 def test_state_estimate_follows_the_memory_options():
     m = get_method("structured")
     base = TrainConfig(output_dir="x")
@@ -190,6 +208,7 @@ def test_train_lean_with_candidates_end_to_end_and_resume(tmp_path, tiny_base, g
     from diffprune.training import checkpoints
 
     kw = dict(task="rte", data_dir=str(glue), model=str(tiny_base), method="structured", memory="lean",
+              optimizer_in_backward=True,  # (lean alone keeps the step after backward with candidates)
               moments_dtype="bf16", w_dtype="bf16", candidates=0.1, candidate_warmup_steps=3,
               candidate_importance="grad_per_tensor", target_sparsity=0.02, max_train_samples=64,
               max_eval_samples=24, epochs=2, fixmask_epochs=1, batch_size=16, max_seq_length=32, progress=False,

@@ -160,12 +160,15 @@ def _bench_module():
     return mod
 
 
-@pytest.mark.parametrize("config", ["full", "l0", "l0_structured", "fixed", "lora_qv8", "lora_all32"])
+@pytest.mark.parametrize("config", ["full", "l0", "l0_structured", "fixed", "lora_qv8", "lora_all32", "l0_lean",
+                                    "candidates", "candidates_in_backward"])
 def test_benchmark_configurations_train(config):
     bench = _bench_module()
     model = bench.build_model("tiny")
     batch = bench.make_batch(model, 2, 16, torch.device("cpu"))
-    module, opt, params = bench.setup(config, model, "fused")
+    module, opt, params = bench.setup(config, model, "fused", batch=batch)
+    # as `diffprune train --memory lean` does: the step inside backward, except with candidates
+    assert hasattr(opt, "clipped_steps") == (config in ("l0_lean", "candidates_in_backward"))
     before = [p.detach().clone() for p in params]
     for _ in range(2):
         module(**batch).loss.backward()

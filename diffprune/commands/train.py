@@ -100,8 +100,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "per-block scales quarters them; see also `diffprune compress`)")
     g = p.add_argument_group("memory (README, \"Training memory\")")
     g.add_argument("--memory", choices=("standard", "lean"), default=d.memory,
-                   help="lean: the optimiser step inside backward, gate logits in bf16, effective weights "
-                        "recomputed in backward, and on a GPU frozen weights in bf16 (default standard)")
+                   help="lean: the optimiser step inside backward (not with --candidates, whose gradients are "
+                        "small), gate logits in bf16, effective weights recomputed in backward, and on a GPU frozen "
+                        "weights in bf16 (default standard)")
     g.add_argument("--optimizer-in-backward", type=_bool, default=None, metavar="{true,false}",
                    help="step each tensor as soon as its gradient is complete (no persistent gradients; "
                         "clipping uses the previous step's norm; one process only)")

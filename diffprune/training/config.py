@@ -151,7 +151,7 @@ class TrainConfig:
             raise ConfigError(f"--value-dtype {self.value_dtype!r} is not one of fp32, bf16, fp16, int8")
         if not (self.max_grad_norm > 0):
             raise ConfigError(f"max_grad_norm {self.max_grad_norm!r} must be > 0")
-        lean.resolve(self.memory, self._memory_overrides(), accelerator=True)  # names and values
+        lean.resolve(self.memory, self._memory_overrides(), accelerator=True, candidates=self.candidates)  # names and values
         if self.family is not None:
             from ..families import CAUSAL_LM, get_family
 
@@ -204,7 +204,7 @@ class TrainConfig:
 
     def memory_options(self, accelerator: bool) -> dict:
         """The memory options this run trains with (`diffprune.lean.resolve`)."""
-        return lean.resolve(self.memory, self._memory_overrides(), accelerator)
+        return lean.resolve(self.memory, self._memory_overrides(), accelerator, candidates=self.candidates)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
