@@ -32,9 +32,10 @@ accelerator: on CPU they are left in fp32 (bf16 matmuls are ~300x slower on CPUs
 moments of w in bf16 (`--moments-dtype bf16`) and w itself in bf16 (`--w-dtype bf16`) are not part of it
 until their accuracy is measured. With candidates (`resolve(..., candidates=c)`) the optimiser step stays
 after backward: the gradients are then those of the c * n candidates (6 bytes each with bf16 alpha; on
-MiniLM at 8 x 64 the step's peak 171 MiB against 168 in backward, both under the warm-up's 174), the
-step is one multi-tensor AdamW call instead of one call per tensor (4-7% of a MiniLM 8 x 64 step, 2% of a
-bert-base 8 x 128 one) and gradient clipping is exact."""
+MiniLM at 8 x 64 the L0 steps' live peak is 177 MiB against 175 inside backward, both under the warm-up's),
+the step is one multi-tensor AdamW call instead of one call per tensor (1.14x full finetuning's step time
+against 1.23x there; benchmarks/results/train_cost.md, "optimizer after backward") and gradient clipping
+is exact."""
 
 STANDARD = {"optimizer_in_backward": False, "alpha_dtype": "fp32", "recompute_weights": False, "theta_dtype": "fp32",
             "moments_dtype": "fp32", "w_dtype": "fp32"}
