@@ -319,10 +319,13 @@ def setup(config: str, model, adamw: str, lr: float = 2e-5, batch: dict | None =
         # --memory lean: gate logits in bf16, effective weights recomputed in backward, the AdamW
         # step inside backward (its clipping: the previous step's norm, so `step` does not clip) except
         # with candidates, where lean keeps it after backward (`diffprune.lean.LEAN`)
-        from diffprune import candidates, optim
+        from diffprune import candidates, lean, optim
         from diffprune.lean import OptimizerInBackward
 
         frac = CANDIDATE_FRACTION if config.startswith("candidates") else None
+        # where `--memory lean` steps (the library's rule: after backward with candidates)
+        forced = {"optimizer_in_backward": True if config == "candidates_in_backward" else None}
+        in_backward = lean.resolve("lean", forced, accelerator=True, candidates=frac)["optimizer_in_backward"]
         dm = DiffModel(model, diff_config(alpha_dtype="bf16", candidates=frac,
                                           w_dtype="bf16" if config == "l0_lean_w16" else "fp32"))
         dm.recompute_weights = True
@@ -337,10 +340,10 @@ def setup(config: str, model, adamw: str, lr: float = 2e-5, batch: dict | None =
             grp.update(impl)
         if config == "l0_lean_m16":
             groups[0]["state_dtype"] = "bf16"  # w's moments
-        if frac is not None and config != "candidates_in_backward":
-            opt = optim.AdamW(groups, lr=lr, weight_decay=0.0)
-        else:
+        if in_backward:
             opt = OptimizerInBackward(groups, max_grad_norm=1.0, weight_decay=0.0)
+        else:
+            opt = optim.AdamW(groups, lr=lr, weight_decay=0.0)
         params = [p for grp in groups for p in grp["params"]]
         dm.train()
         return dm, opt, params

@@ -32,6 +32,12 @@ def gather(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return flat.index_select(0, idx)
 
 
+def position_dtype(numel: int) -> torch.dtype:
+    """The narrowest index dtype for flat positions in a tensor of `numel` entries: int32 below 2^31
+    entries (every tensor of today's models), else int64."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
 def put(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Out of place and differentiable w.r.t. `values`: flat with `values` written at idx (int32 or int64
     positions; the candidate L0 stage writes theta + delta at its candidates with it)."""

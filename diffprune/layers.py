@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .apply import position_dtype
+
 # sampled_addmm on CSR: a stable op; the notice is not for our users
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
@@ -161,10 +163,8 @@ def csr_of(cand: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, to
     rows = torch.div(cand, in_f, rounding_mode="floor")
     crow = torch.zeros(out_f + 1, dtype=torch.int64, device=cand.device)
     crow[1:] = torch.bincount(rows, minlength=out_f).cumsum(0)
-    col = cand - rows * in_f
-    if out_f * in_f < 2**31:
-        crow, col = crow.to(torch.int32), col.to(torch.int32)
-    return crow, col
+    dtype = position_dtype(out_f * in_f)
+    return crow.to(dtype), (cand - rows * in_f).to(dtype)
 
 
 class _RecomputeSaved(torch.autograd.graph.saved_tensors_hooks):

@@ -128,7 +128,7 @@ class _CandidateSlot(_L0Slot):
 
     def __init__(self, theta: torch.Tensor, config: DiffPruningConfig, candidates: torch.Tensor):
         super().__init__(theta, config, shape=(int(candidates.numel()),))
-        dtype = torch.int32 if theta.numel() <= _INT32_MAX else torch.int64
+        dtype = engine.position_dtype(theta.numel())
         self.register_buffer("candidates", candidates.to(device=theta.device, dtype=dtype))
         self._csr = None
 
@@ -140,9 +140,6 @@ class _CandidateSlot(_L0Slot):
         if self._csr is None or self._csr[0] != key:
             self._csr = (key, layers.csr_of(c, shape))
         return self._csr[1]
-
-
-_INT32_MAX = 2**31 - 1
 
 
 class _FixedSlot(nn.Module):
