@@ -19,7 +19,10 @@ exception) puts the frozen parameter back. So:
 * ``model.generate`` and direct calls of the wrapped model see theta + delta as well;
 * in the candidate L0 stage an ``nn.Linear`` weight enters its layer outside autograd and gets its
   gradient at the candidate entries only, from a sampled matmul (`SampledWeightGrad`), so the dense
-  weight gradient (as large as the matrix, of which 5% would be kept) is never formed.
+  weight gradient (as large as the matrix, of which 5% would be kept) is never formed; an
+  ``nn.Embedding`` gets only the rows the batch looks up, and passes their gradient to the candidates
+  in them (`SampledRowsGrad`): a (vocabulary, dim) effective weight and its dense gradient, 2 x 45 MiB
+  a step for MiniLM's token embedding, are never formed.
 
 The step state (`Step`: the noise seed of this forward, which tensors already contributed their
 L0 term) lives on the DiffModel; the gate arithmetic is `DiffModel.effective`.
@@ -73,39 +76,57 @@ class _Site:
             return
         dm = inj.dm
         step = dm.current_step()
-        saved, effs, sampled = [], [], []
+        saved, effs, sampled, rows, new_args = [], [], [], None, None
         for local, name in self.names:
             found = (dm.sampled_effective(name, step) if local == "weight" and type(module) is nn.Linear
                      and torch.is_grad_enabled() and inj.samples(module._parameters[local]) else None)
+            found_rows = (dm.sampled_rows(name, step, args[0]) if local == "weight" and type(module) is nn.Embedding
+                          and torch.is_grad_enabled() and inj.samples_rows(module) and args
+                          and isinstance(args[0], torch.Tensor) else None)
             if found is not None:
                 eff, vals, cand, csr = found
                 sampled.append((vals, cand, csr))
+            elif found_rows is not None:
+                # the module looks the batch up in the rows it uses (renumbered), outside autograd
+                eff, vals, sel, row, col, distinct, inverse = found_rows
+                pad = module.padding_idx  # only shapes the weight's gradient, which SampledRowsGrad makes
+                hit = (distinct == pad).nonzero() if pad is not None else None
+                skip = int(hit[0, 0]) if hit is not None and hit.numel() else None
+                rows = (inverse, vals, sel, row, col, int(distinct.numel()), skip, pad)
+                module.padding_idx = None
+                new_args = (inverse, *args[1:])
             else:
                 eff = dm.effective(name, step)
+            if found_rows is None:  # (the looked-up rows are not saved for backward: nothing to recompute)
+                effs.append((name, eff))
             step.ran.add(name)
             saved.append((local, module._parameters[local]))
             # Replacing the value keeps the parameter's place in `_parameters` (and so the order of
             # named_parameters()); a plain tensor there is what `module.weight` returns meanwhile.
             module._parameters[local] = eff
-            effs.append((name, eff))
         ctx = None
         if inj.recompute and torch.is_grad_enabled() and not _outer_saved_tensor_hooks():
             ctx = _RecomputeSaved(dm, step, effs)
             ctx.__enter__()
-        self.stack.append((saved, ctx, sampled))
+        self.stack.append((saved, ctx, sampled, rows))
+        return new_args
 
     def post(self, module: nn.Module, args, output):
         entry = self.stack.pop() if self.stack else None
         if entry is None:
             return None
-        saved, ctx, sampled = entry
+        saved, ctx, sampled, rows = entry
         if ctx is not None:
             ctx.__exit__(None, None, None)
         for local, param in saved:
             module._parameters[local] = param
         for vals, cand, (crow, col) in sampled:
             output = SampledWeightGrad.apply(output, args[0], vals, cand, crow, col)
-        return output if sampled else None
+        if rows is not None:
+            inverse, vals, sel, row, col, n_rows, skip, pad = rows
+            module.padding_idx = pad
+            output = SampledRowsGrad.apply(output, inverse, vals, sel, row, col, n_rows, skip)
+        return output if sampled or rows is not None else None
 
     def remove(self) -> None:
         for h in self.handles:
@@ -133,6 +154,43 @@ class SampledWeightGrad(torch.autograd.Function):
         x, cand, crow, col = ctx.saved_tensors
         g = sampled_weight_grad(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), cand, ctx.shape, (crow, col))
         return dy, None, g.to(ctx.vals_dtype), None, None, None
+
+
+class SampledRowsGrad(torch.autograd.Function):
+    """The identity on an embedding's output y = E[ids] whose weight entered as the distinct rows the
+    batch looks up (`DiffModel.sampled_rows`, outside autograd; `inverse`: each id's row among them),
+    adding in backward the gradient of the candidates in those rows: the rows' gradient (sum of dy
+    over each row's occurrences, none for the padding row `skip`, as nn.Embedding gives) read at each
+    candidate's (row, col); every other candidate's gradient is 0, as in the dense gradient."""
+
+    @staticmethod
+    def forward(ctx, y, inverse, vals, sel, row, col, n_rows: int, skip: int | None):
+        ctx.save_for_backward(inverse, sel, row, col)
+        ctx.n_rows, ctx.skip, ctx.n_vals, ctx.vals_dtype = n_rows, skip, vals.numel(), vals.dtype
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        inverse, sel, row, col = ctx.saved_tensors
+        dim = dy.shape[-1]
+        g_rows = dy.new_zeros(ctx.n_rows, dim).index_add_(0, inverse.reshape(-1), dy.reshape(-1, dim))
+        if ctx.skip is not None:
+            g_rows[ctx.skip] = 0
+        g = torch.zeros(ctx.n_vals, dtype=ctx.vals_dtype, device=dy.device)
+        g[sel] = g_rows[row, col].to(ctx.vals_dtype)
+        return dy, None, g, None, None, None, None, None
+
+
+def candidates_in_rows(crow: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index of each candidate in `rows` among all of a matrix's candidates, its row's index in `rows`),
+    for the candidates' CSR row pointer `crow` and sorted distinct `rows`: work in the number of rows
+    and of their candidates, not of all candidates."""
+    start = crow.index_select(0, rows).long()
+    count = crow.index_select(0, rows + 1).long() - start
+    local = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), count)
+    first = torch.cumsum(count, 0) - count  # each row's first slot in the output
+    sel = torch.arange(local.numel(), device=rows.device) - first.index_select(0, local) + start.index_select(0, local)
+    return sel, local
 
 
 _DENSE_ONLY: set = set()  # (device type, dtype) where sampled_addmm is not implemented
@@ -236,6 +294,12 @@ class Injector:
     def samples(self, weight: torch.Tensor) -> bool:
         """Whether a candidate-restricted nn.Linear `weight` gets the sampled gradient (`sampled_grad`)."""
         return weight.device.type == "cpu" if self.sampled_grad is None else self.sampled_grad
+
+    def samples_rows(self, module: nn.Module) -> bool:
+        """Whether a candidate-restricted nn.Embedding looks up only the batch's rows (`SampledRowsGrad`):
+        on every device unless `sampled_grad` is False (the dense reference); not with max_norm (which
+        renormalises the weight in place) or scale_grad_by_freq."""
+        return self.sampled_grad is not False and module.max_norm is None and not module.scale_grad_by_freq
 
     def remove(self) -> None:
         for site in self.sites:

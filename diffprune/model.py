@@ -370,6 +370,33 @@ class DiffModel(nn.Module):
             eff = engine.put(t.reshape(-1), cand, vals.detach().to(t.dtype)).view_as(t)
         return eff, vals, cand, slot.csr(tuple(t.shape))
 
+    def sampled_rows(self, name: str, step: layers.Step, ids: torch.Tensor) -> tuple | None:
+        """For a candidate-restricted matrix looked up by rows (an nn.Embedding, `ids` its input) in a
+        training step of the L0 stage: theta + delta of the distinct ids' rows only, as a plain
+        (rows, dim) tensor outside autograd; theta + delta at all the tensor's candidates with its
+        autograd graph; which of those lie in the rows (their indices into the candidates, local row,
+        column); the sorted distinct ids and each id's index among them. None in every other case. The module hook (`layers`) looks the batch up in these rows and passes the rows'
+        gradient to the candidates in them (`SampledRowsGrad`): neither the full (vocabulary, dim)
+        effective weight nor its dense gradient is formed."""
+        if self._stage != "l0" or step.seed is None:
+            return None
+        slot = self._slot(name)
+        if not isinstance(slot, _CandidateSlot):
+            return None
+        t = self._theta_of(name)
+        if t.dim() != 2 or ids.is_floating_point() or ids.is_complex():
+            return None
+        rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        cand = slot.candidates
+        vals = self._l0_values(name, step, slot, engine.gather(t.reshape(-1), cand), False)
+        crow, col = slot.csr(tuple(t.shape))
+        sel, local = layers.candidates_in_rows(crow, rows)
+        col = col.index_select(0, sel).long()
+        with torch.no_grad():
+            eff = t.index_select(0, rows)
+            eff[local, col] = vals.detach().index_select(0, sel).to(t.dtype)
+        return eff, vals, sel, local, col, rows, inverse
+
     def _l0_values(self, name: str, step: layers.Step, slot, base: torch.Tensor, for_recompute: bool) -> torch.Tensor:
         """base + z * w over the slot's entries (the whole tensor or its candidates) for `step`, adding
         the tensor's L0 term to the step the first time it runs with autograd on."""

@@ -330,7 +330,9 @@ def _candidate_model(kind: str, fraction: float = 0.05, seed: int = 0):
     picks = {}
     for n in dm.diff_names:
         numel = dm._theta_of(n).numel()
-        picks[n] = torch.randperm(numel, generator=g)[: max(1, round(fraction * numel))].sort().values
+        # entry 0 always (so the padding row of a token embedding has a candidate)
+        picks[n] = torch.cat([torch.zeros(1, dtype=torch.int64),
+                              torch.randperm(numel, generator=g)[: max(1, round(fraction * numel))]]).unique()
     dm.set_candidates(picks)
     with torch.no_grad():
         for slot in dm.slots.values():
@@ -370,25 +372,39 @@ def test_candidate_positions_are_int32_and_int64_checkpoints_still_load():
 @pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
 def test_candidate_weights_get_a_sampled_gradient_equal_to_the_dense_one(kind, setting, monkeypatch):
     """Candidate-restricted nn.Linear weights take their gradient from a sampled matmul at the
-    candidates (SampledWeightGrad): the same loss and the same gradients for w and alpha as the dense
-    weight gradient gathered at the candidates, with activation checkpointing and recomputed weights
-    too. GPT-2's Conv1D layers keep the dense path."""
+    candidates (SampledWeightGrad), nn.Embedding weights from the rows the batch looks up
+    (SampledRowsGrad; a repeated id, the padding id, rows with and without candidates): the same loss
+    and the same gradients for w and alpha as the dense weight gradient gathered at the candidates,
+    with activation checkpointing and recomputed weights too. GPT-2's Conv1D layers keep the dense
+    path; its LM head (an nn.Linear) and token embedding share one tied, diffed weight."""
     from diffprune import layers
 
     dm, batch = _candidate_model(kind)
+    with torch.no_grad():  # entry 0 (a candidate everywhere: the padding row's first) with an open gate
+        for slot in dm.slots.values():
+            slot.alpha[0] = 6.0
+    ids = batch["input_ids"]
+    ids[0, :3] = torch.tensor([0, 5, 5])  # the padding id (BERT's is 0) and a repeated id
+    if "labels" in batch and kind != "bert":
+        batch["labels"] = ids.clone()
     if setting == "checkpointing":
         dm.gradient_checkpointing_enable({"use_reentrant": False})
     if setting == "recompute":
         dm.recompute_weights = True
-    runs = []
-    real = layers.SampledWeightGrad.backward
+    runs, row_runs = [], []
+    real, real_rows = layers.SampledWeightGrad.backward, layers.SampledRowsGrad.backward
 
     def counting(ctx, dy):
         runs.append(ctx.shape)
         return real(ctx, dy)
 
+    def counting_rows(ctx, dy):
+        row_runs.append(ctx.n_rows)
+        return real_rows(ctx, dy)
+
     monkeypatch.setattr(layers.SampledWeightGrad, "backward", staticmethod(counting))
-    # default: sampled on the CPU only
+    monkeypatch.setattr(layers.SampledRowsGrad, "backward", staticmethod(counting_rows))
+    # default: sampled matmuls on the CPU only, looked-up rows everywhere
     assert dm.sampled_candidate_grad is None and dm._injector.samples(torch.zeros(1))
     assert not dm._injector.samples(torch.zeros(1, device="meta"))
     results = {}
@@ -398,12 +414,14 @@ def test_candidate_weights_get_a_sampled_gradient_equal_to_the_dense_one(kind, s
         results[sampled] = _loss_and_grads(dm, lambda: dm(**batch).loss)
         if sampled:
             n_sampled, runs[:] = len(runs), []
-    # every use of a diffed weight by an nn.Linear (GPT-2: only its LM head, tied to the diffed token
-    # embedding, whose Embedding use keeps the dense path: the two gradients add up in w)
-    linear_uses = [o for owners in dm._injector.owners.values() for o in owners if o.endswith(".weight")
-                   and type(dm.model.get_submodule(o.rsplit(".", 1)[0])) is torch.nn.Linear]
-    assert not runs  # the reference run used the dense gradient only
+            n_rows, row_runs[:] = list(row_runs), []
+    uses = [o for owners in dm._injector.owners.values() for o in owners if o.endswith(".weight")]
+    linear_uses = [o for o in uses if type(dm.model.get_submodule(o.rsplit(".", 1)[0])) is torch.nn.Linear]
+    embedding_uses = [o for o in uses if type(dm.model.get_submodule(o.rsplit(".", 1)[0])) is torch.nn.Embedding]
+    assert not runs and not row_runs  # the reference run used the dense gradient only
     assert linear_uses and n_sampled == len(linear_uses)
+    assert embedding_uses and len(n_rows) == len(embedding_uses)
+    assert torch.unique(ids).numel() in n_rows  # the token embedding: only the batch's distinct ids
     _assert_same(results[True], results[False], rtol=1e-5, atol=1e-7)
 
 

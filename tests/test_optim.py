@@ -206,3 +206,45 @@ def test_the_cpu_rounding_in_numpy_equals_the_torch_ops_it_replaced_bit_for_bit(
         stochastic_round_(ours, x.clone(), ours_bits)
         stochastic_round_(ref, x.clone(), torch_bits)
         assert torch.equal(ours.view(torch.int16), ref.view(torch.int16))
+
+
+def test_small_tensors_stepped_in_packs_equal_the_per_tensor_step_bit_for_bit(monkeypatch):
+    """Small bf16 tensors (a gate's candidates in a bias) are stepped together in packs; bf16 parameters
+    and all moments come out bit for bit as when each tensor is stepped alone (fp32 parameters with bf16
+    moments to the last bit of torch's fused kernel), with tensors above the pack size,
+    packs that overflow a chunk, an fp32 group with bf16 moments, and a tensor that skips a step (so the
+    tensors' step counts differ)."""
+    from diffprune import optim
+
+    pack = optim._PACK_MAX
+
+    def build():
+        g = torch.Generator().manual_seed(0)
+        sizes = [1, 7, 20, 300, 5000, pack, pack + 1, 30_000, 30_000, 30_000, pack, 3]  # > one chunk
+        bf16 = [torch.nn.Parameter((torch.randn(n, generator=g) + 5).bfloat16()) for n in sizes]
+        fp32 = [torch.nn.Parameter(torch.randn(n, generator=g) * 1e-3) for n in (5, 900)]
+        opt = AdamW([{"params": bf16, "lr": 0.1}, {"params": fp32, "lr": 1e-3, "state_dtype": "bf16"}],
+                    weight_decay=0.0, seed=3)
+        return bf16 + fp32, opt
+
+    def run(pack_max):
+        monkeypatch.setattr(optim, "_PACK_MAX", pack_max)
+        params, opt = build()
+        for step in range(3):
+            for i, p in enumerate(params):
+                skip = step == 1 and i == 2
+                p.grad = None if skip else torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * step + i)).to(p.dtype)
+            opt.step()
+        return params, opt
+
+    packed, opt_packed = run(pack)
+    alone, opt_alone = run(0)
+    assert [float(opt_packed.state[p]["step"]) for p in packed][:3] == [3.0, 3.0, 2.0]
+    for a, b in zip(packed, alone):
+        assert not torch.equal(a, a.detach().round())  # moved
+        if a.dtype == torch.bfloat16:
+            assert torch.equal(a, b)
+        else:  # fp32: torch's fused kernel rounds its vectorised body and its scalar tail differently
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_packed.state[a][k], opt_alone.state[b][k])
