@@ -300,3 +300,180 @@ def expected_nonzeros(
     term of `group_penalty`. With the default, "expected_l0", this is E[||delta||_0] of the tensor.
     """
     return _with_group_term(_SumProbNonzero.apply(alpha, log_ratio(l, r)), alpha_group, l, r, group_penalty)
+
+
+# ---- many tensors' candidate entries in one pass ----------------------------------------------------
+def _pieces(sizes: list[int], bs: int) -> list[list[tuple[int, int, int]]]:
+    """The flat concatenation of segments of `sizes` cut into blocks of at most `bs` entries: per block,
+    its pieces (segment, start, end within the segment), in order."""
+    blocks, cur, room = [], [], bs
+    for k, size in enumerate(sizes):
+        start = 0
+        while start < size:
+            take = min(room, size - start)
+            cur.append((k, start, start + take))
+            start += take
+            room -= take
+            if room == 0:
+                blocks.append(cur)
+                cur, room = [], bs
+    if cur:
+        blocks.append(cur)
+    return blocks
+
+
+def _joined(tensors: list[torch.Tensor], pieces, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The pieces' entries of the (flat) tensors, one after another (a view when one piece)."""
+    parts = [tensors[k][a:b] for k, a, b in pieces]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
+
+
+def _group_gates(groups: list[torch.Tensor], seeds: list[int], l: float, r: float, slope: bool = False):
+    """The group gates z_g of many tensors (and with `slope` dz_g/dalpha_g): what `sample_gate` /
+    `_gate_and_slope` give for each alone, as one vector (the group logits' dtype)."""
+    a = torch.stack([g.detach().reshape(()) for g in groups])
+    u = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    for i, seed in enumerate(seeds):
+        Noise(seed + 1_000_003, a.device).uniform_(u[i:i + 1])
+    s = u.clamp_(_EPS, 1.0 - _EPS).logit_().add_(a).sigmoid_()
+    if not slope:
+        return _stretch_clamp_(s, l, r)
+    lo, hi = -l / (r - l), (1.0 - l) / (r - l)
+    d = (1 - s).mul_(s).mul_(r - l).mul_((s > lo) & (s < hi))
+    return _stretch_clamp_(s, l, r), d
+
+
+class GatedSegments(torch.autograd.Function):
+    """`GatedDiff` for many tensors' candidate entries in one pass: the flat concatenation of
+    theta_k[cand_k] + z(alpha_k, seed_k) * z_g(alpha_group_k) * w_k over tensors k, and, with `with_l0`,
+    each tensor's sum_i P(z_i != 0). Each tensor draws its own noise stream (seed_k), so the values are
+    those of `GatedDiff` per tensor (to the last bit of the vectorised elementwise ops). The candidate
+    L0 stage has hundreds of small tensors (a bias or LayerNorm vector's candidates are a few dozen
+    entries): one pass over blocks of up to 2^17 entries spanning many tensors replaces a dozen calls per
+    tensor in forward and as many in backward. Nothing full-size is saved: the noise is drawn again.
+
+    apply(meta, *ws, *alphas, *groups) with meta = (thetas (flat), candidate positions, seeds, l, r,
+    with_l0); returns (values, sums)."""
+
+    @staticmethod
+    def forward(ctx, meta, *tensors):
+        thetas, cands, seeds, l, r, with_l0 = meta
+        k = len(thetas)
+        ws, alphas, groups = tensors[:k], tensors[k:2 * k], list(tensors[2 * k:]) or None
+        ws = [w.reshape(-1) for w in ws]
+        alphas = [a.reshape(-1) for a in alphas]
+        sizes = [int(c.numel()) for c in cands]
+        device, cdt, n = ws[0].device, compute_dtype(ws[0]), sum(sizes)
+        out = torch.empty(n, dtype=thetas[0].dtype, device=device)
+        for t, c, piece in zip(thetas, cands, out.split(sizes)):
+            torch.index_select(t, 0, c, out=piece)  # theta at the candidates (`apply.gather`)
+        z_g = _group_gates(groups, seeds, l, r).to(cdt) if groups is not None else None
+        sums = torch.zeros(k, dtype=cdt, device=device) if with_l0 else None
+        c_l0 = log_ratio(l, r)
+        bs = _block_size(n, device)
+        buf = torch.empty(bs, dtype=cdt, device=device)
+        noises = [Noise(seed, device) for seed in seeds]
+        i = 0
+        for pieces in _pieces(sizes, bs):
+            counts = torch.tensor([b - a for _, a, b in pieces], device=device)
+            segs = torch.tensor([kk for kk, _, _ in pieces], device=device)
+            m = int(sum(b - a for _, a, b in pieces))
+            s = buf[:m]
+            pos = 0
+            for kk, a, b in pieces:
+                noises[kk].uniform_(s[pos:pos + b - a])
+                pos += b - a
+            ab = _joined(alphas, pieces)
+            d = _stretch_clamp_(s.logit_(_EPS).add_(ab).sigmoid_(), l, r).mul_(_joined(ws, pieces))
+            if z_g is not None:
+                d.mul_(torch.repeat_interleave(z_g.index_select(0, segs), counts))
+            o = out[i:i + m]
+            o.add_(d if o.dtype == cdt else d.to(o.dtype))  # == theta + delta
+            if with_l0:
+                sums.index_add_(0, torch.repeat_interleave(segs, counts), _prob_nonzero_into_(torch.empty_like(s), ab, c_l0))
+            i += m
+        ctx.save_for_backward(*ws, *alphas, *(groups or []))
+        ctx.k, ctx.sizes, ctx.seeds, ctx.l, ctx.r, ctx.grouped = k, sizes, seeds, l, r, groups is not None
+        ctx.set_materialize_grads(False)
+        expected = sums if with_l0 else torch.zeros(k, dtype=cdt, device=device)
+        if not with_l0:
+            ctx.mark_non_differentiable(expected)
+        return out, expected
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_sums):
+        saved = ctx.saved_tensors
+        k, sizes, seeds, l, r = ctx.k, ctx.sizes, ctx.seeds, ctx.l, ctx.r
+        ws, alphas = list(saved[:k]), list(saved[k:2 * k])
+        groups = list(saved[2 * k:]) if ctx.grouped else None
+        if grad_out is None and grad_sums is None:
+            return (None,) * (1 + len(saved))
+        device, cdt, n = ws[0].device, compute_dtype(ws[0]), sum(sizes)
+        grad_w = [torch.empty_like(w) for w in ws] if grad_out is not None else None
+        grad_a = [(torch.empty_like if grad_out is not None else torch.zeros_like)(a) for a in alphas]
+        grad_g = None
+        lo, hi = -l / (r - l), (1.0 - l) / (r - l)
+        c_l0 = log_ratio(l, r)
+        if groups is not None and grad_out is not None:
+            z_g, slope_g = _group_gates(groups, seeds, l, r, slope=True)
+            z_g, slope_g = z_g.to(cdt), slope_g.to(cdt)
+            gzw = torch.zeros(k, dtype=cdt, device=device)
+        else:
+            z_g = gzw = None
+        g = grad_out.to(cdt).contiguous() if grad_out is not None else None
+        bs = _block_size(n, device)
+        s_buf, t_buf = torch.empty(bs, dtype=cdt, device=device), torch.empty(bs, dtype=cdt, device=device)
+        noises = [Noise(seed, device) for seed in seeds]
+        i = 0
+        for pieces in _pieces(sizes, bs):
+            counts = torch.tensor([b - a for _, a, b in pieces], device=device)
+            segs = torch.tensor([kk for kk, _, _ in pieces], device=device)
+            m = int(sum(b - a for _, a, b in pieces))
+            ab = _joined(alphas, pieces)
+            seg_ids = torch.repeat_interleave(segs, counts) if (z_g is not None or grad_sums is not None) else None
+            ga = torch.zeros(m, dtype=cdt, device=device)
+            if g is not None:
+                s = s_buf[:m]
+                pos = 0
+                for kk, a, b in pieces:
+                    noises[kk].uniform_(s[pos:pos + b - a])
+                    pos += b - a
+                s.logit_(_EPS).add_(ab).sigmoid_()
+                gb, wb = g[i:i + m], _joined(ws, pieces)
+                wb = wb if wb.dtype == cdt else wb.to(cdt)
+                gz = torch.mul(s, r - l).add_(l).clamp_(0.0, 1.0).mul_(gb)  # dL/dw before the group gate
+                scale = r - l
+                if z_g is not None:
+                    zg = z_g.index_select(0, seg_ids)
+                    gzw.index_add_(0, seg_ids, gz * wb)
+                    scale = zg.mul(r - l)
+                t = torch.addcmul(s, s, s, value=-1.0, out=t_buf[:m]).mul_(gb).mul_(wb).mul_(scale)
+                torch.ops.aten.hardtanh_backward.grad_input(t, s, lo, hi, grad_input=ga)
+                if z_g is not None:
+                    gz.mul_(zg)
+                torch._foreach_copy_([grad_w[kk].view(-1)[a:b] for kk, a, b in pieces], list(gz.split(counts.tolist())))
+            if grad_sums is not None:
+                p = _prob_nonzero_into_(torch.empty(m, dtype=cdt, device=device), ab, c_l0)
+                ga.addcmul_(torch.addcmul(p, p, p, value=-1.0), grad_sums.to(cdt).index_select(0, seg_ids))
+            torch._foreach_copy_([grad_a[kk].view(-1)[a:b] for kk, a, b in pieces], list(ga.split(counts.tolist())))
+            i += m
+        if gzw is not None:
+            grad_g = list((gzw * slope_g).to(groups[0].dtype).unbind(0))
+            grad_g = [gg.reshape(gr.shape) for gg, gr in zip(grad_g, groups)]
+        return (None, *(grad_w or [None] * k), *grad_a, *(grad_g or ([None] * k if groups is not None else [])))
+
+
+def segments_gate_count(sums: torch.Tensor, groups: list[torch.Tensor] | None, l: float, r: float,
+                        group_penalty: str) -> torch.Tensor:
+    """The penalised gate count of many tensors (`GatedSegments`' per-tensor sums): the sum over them of
+    what `_with_group_term` gives each."""
+    if groups is None:
+        return sums.sum()
+    p_group = torch.sigmoid(torch.stack([g.reshape(()) for g in groups]) - log_ratio(l, r))
+    if group_penalty == "expected_l0":
+        return (sums * p_group).sum()
+    if group_penalty == "per_gate":
+        return sums.sum() + p_group.sum()
+    raise ValueError(f"group_penalty {group_penalty!r} is not one of {GROUP_PENALTIES}")

@@ -25,7 +25,8 @@ exception) puts the frozen parameter back. So:
   a step for MiniLM's token embedding, are never formed.
 
 The step state (`Step`: the noise seed of this forward, which tensors already contributed their
-L0 term) lives on the DiffModel; the gate arithmetic is `DiffModel.effective`.
+L0 term, and in the candidate L0 stage the values of every tensor's candidates, computed in one pass
+when the step starts) lives on the DiffModel; the gate arithmetic is `DiffModel.effective`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class Step:
     l0: torch.Tensor | None = None
     penalised: set = field(default_factory=set)
     ran: set = field(default_factory=set)
+    # the candidate L0 stage: every tensor's theta + delta at its candidates, computed in one pass when
+    # the step starts (`DiffModel._candidate_bank`); the hooks, recomputes and checkpointed reruns read it
+    bank: dict | None = None
 
     def add_l0(self, name: str, value: torch.Tensor) -> None:
         self.penalised.add(name)
@@ -235,7 +239,7 @@ class _RecomputeSaved(torch.autograd.graph.saved_tensors_hooks):
                 ptrs[eff.untyped_storage().data_ptr()] = name
             except (RuntimeError, NotImplementedError):
                 pass
-        seed = step.seed
+        seed, bank = step.seed, step.bank
 
         def pack(t):
             try:
@@ -250,7 +254,7 @@ class _RecomputeSaved(torch.autograd.graph.saved_tensors_hooks):
             if isinstance(x, tuple) and len(x) == 6 and x[0] is _NOTE:
                 _, name, seed_, shape, stride, offset = x
                 with torch.no_grad():
-                    full = dm.effective(name, Step(seed=seed_), for_recompute=True)
+                    full = dm.effective(name, Step(seed=seed_, bank=bank), for_recompute=True)
                 return full.as_strided(shape, stride, offset)
             return x
 

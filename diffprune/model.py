@@ -222,6 +222,8 @@ class DiffModel(nn.Module):
         self._wiring_checked = False
         self._injector = layers.Injector(self, model, self.diff_names)
         self._concrete_cache = gates.ConcreteCache()  # a recompute's gate sample, for its backward
+        # the candidate L0 stage's gates in one pass per step (False: per tensor, the reference in tests)
+        self.batched_gates = True
 
     def allocate_l0_state(self) -> None:
         """The L0 stage's w and alpha for every diffed tensor (the constructor does this unless told not to:
@@ -397,10 +399,37 @@ class DiffModel(nn.Module):
             eff[local, col] = vals.detach().index_select(0, sel).to(t.dtype)
         return eff, vals, sel, local, col, rows, inverse
 
+    def _bankable(self) -> bool:
+        """Whether this L0 stage's gates can run as one pass (`_candidate_bank`): candidates on every
+        tensor, gates, one weight dtype, not sharded."""
+        if self._stage != "l0" or not self.config.use_gates or self.sharded or not len(self.slots):
+            return False
+        if not all(isinstance(s, _CandidateSlot) for s in self.slots.values()):
+            return False
+        return len({self._theta_of(n).dtype for n in self.diff_names}) == 1
+
+    def _candidate_bank(self, step: layers.Step) -> dict[str, torch.Tensor]:
+        """theta + delta at every tensor's candidates for `step`, in one pass over all of them
+        (`gates.GatedSegments`: values equal to the per-tensor ones), and with it the step's whole L0
+        term; per tensor, a view of the one values tensor (4 bytes a candidate, for the step)."""
+        c, names = self.config, self.diff_names
+        slots = [self._slot(n) for n in names]
+        meta = ([self._theta_of(n).reshape(-1) for n in names], [s.candidates for s in slots],
+                [_tensor_seed(step.seed, self._index[n]) for n in names], c.stretch_l, c.stretch_r,
+                step.with_l0)
+        groups = [s.alpha_group for s in slots] if c.structured else []
+        values, sums = gates.GatedSegments.apply(meta, *[s.w for s in slots], *[s.alpha for s in slots], *groups)
+        if step.with_l0:
+            step.l0 = gates.segments_gate_count(sums, groups or None, c.stretch_l, c.stretch_r, c.group_penalty)
+            step.penalised.update(names)
+        return dict(zip(names, values.split([int(s.candidates.numel()) for s in slots])))
+
     def _l0_values(self, name: str, step: layers.Step, slot, base: torch.Tensor, for_recompute: bool) -> torch.Tensor:
         """base + z * w over the slot's entries (the whole tensor or its candidates) for `step`, adding
         the tensor's L0 term to the step the first time it runs with autograd on."""
         c = self.config
+        if step.bank is not None and name in step.bank:  # (its L0 term was counted with the bank)
+            return step.bank[name]
         if step.seed is not None:
             seed = _tensor_seed(step.seed, self._index[name])
             # with recomputed weights, the recompute leaves its gate sample for the gates' backward
@@ -485,6 +514,8 @@ class DiffModel(nn.Module):
         c = self.config
         penalised = self.training and self._stage == "l0" and c.use_gates and c.l0_lambda > 0
         step = self._step = self._new_step(with_l0=penalised)
+        if step.seed is not None and self.batched_gates and torch.is_grad_enabled() and self._bankable():
+            step.bank = self._candidate_bank(step)
         outputs = self.model(*args, **kwargs)
         if penalised:
             loss = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)

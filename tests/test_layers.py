@@ -439,3 +439,53 @@ def test_sampled_weight_grad_equals_the_dense_product_at_the_positions():
     one = torch.tensor([24 * 16 - 1])
     torch.testing.assert_close(sampled_weight_grad(dy, x, one, (24, 16)), want.new_tensor([(dy[:, 23] * x[:, 15]).sum()]),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting", ["plain", "checkpointing", "recompute", "bf16 alpha, expected_l0"])
+@pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
+def test_candidate_gates_in_one_pass_equal_the_per_tensor_gates(kind, setting, monkeypatch):
+    """The candidate L0 stage computes every tensor's gates in one pass when the step starts
+    (GatedSegments, blocks spanning many tensors): the same loss (L0 term included) and gradients for w,
+    alpha and the group logits as the per-tensor GatedDiff, with activation checkpointing, recomputed
+    weights, bf16 gate logits and the other group penalty; no per-tensor gate pass runs."""
+    from diffprune import gates
+
+    dm, batch = _candidate_model(kind)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # group gates strictly between 0 and 1, so that their logits get a gradient
+        for slot in dm.slots.values():
+            slot.alpha_group.fill_(float(torch.rand((), generator=g)) - 0.5)
+    if setting == "checkpointing":
+        dm.gradient_checkpointing_enable({"use_reentrant": False})
+    if setting == "recompute":
+        dm.recompute_weights = True
+    if setting.startswith("bf16"):
+        dm.config.group_penalty = "expected_l0"
+        for slot in dm.slots.values():
+            slot.alpha.data = slot.alpha.data.bfloat16()
+            slot.alpha_group.data = slot.alpha_group.data.bfloat16()
+    monkeypatch.setattr(gates, "_CPU_BLOCK", 64)  # blocks that span tensors and tensors over several blocks
+    calls = []
+    real = gates.GatedDiff.forward
+
+    def counting(ctx, *args):
+        calls.append(1)
+        return real(ctx, *args)
+
+    monkeypatch.setattr(gates.GatedDiff, "forward", staticmethod(counting))
+    results = {}
+    for batched in (True, False):
+        dm.batched_gates = batched
+        calls.clear()
+        torch.manual_seed(7)
+        results[batched] = _loss_and_grads(dm, lambda: dm(**batch).loss)
+        assert bool(calls) != batched
+    if not setting.startswith("bf16"):
+        _assert_same(results[True], results[False], rtol=1e-5, atol=1e-7)
+        return
+    # bf16 alpha: the per-tensor pass rounds alpha's gradient to bf16 twice (its gate part, then with its L0
+    # part added), the one pass once; each within a bf16 step of the tensor's largest gradient
+    (loss_a, ga), (loss_b, gb) = results[True], results[False]
+    assert loss_a == pytest.approx(loss_b, rel=1e-5) and set(ga) == set(gb)
+    for n in ga:
+        torch.testing.assert_close(ga[n].float(), gb[n].float(), rtol=1e-2, atol=1e-2 * float(gb[n].float().abs().max()), msg=n)
