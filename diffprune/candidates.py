@@ -37,8 +37,13 @@ IMPORTANCE = ("grad", "grad_per_tensor")
 
 
 def importance(dm, batches: Iterable[dict], head_optimizer=None, on_step=None,
-               autocast=contextlib.nullcontext) -> dict[str, torch.Tensor]:
-    """sum over `batches` of |dL/dtheta| per diffed entry (bfloat16, the diffed tensors' shapes)."""
+               autocast=contextlib.nullcontext, embedding_rows: bool = True) -> dict[str, torch.Tensor]:
+    """sum over `batches` of |dL/dtheta| per diffed entry (bfloat16, the diffed tensors' shapes).
+
+    `embedding_rows`: a diffed nn.Embedding weight on the CPU gets the gradient of the rows the batch
+    looks up only (``sparse=True`` for the warm-up), added to those rows' scores with the random bits
+    the dense gradient would use there, so the scores are the same while the (vocabulary, dim) dense
+    gradient, 45 MiB a step for MiniLM's token embedding, is never formed."""
     if dm.stage != "warmup":
         raise ValueError("importance() runs before the candidates are set (DiffModel.stage == 'warmup')")
     theta = dm._theta()
@@ -49,13 +54,23 @@ def importance(dm, batches: Iterable[dict], head_optimizer=None, on_step=None,
 
     def accumulate(name, index):
         def hook(p):
-            optim.add_stochastic_(scores[name], p.grad.abs_(), key=(step[0], index))  # unbiased bf16 sum
+            g, key = p.grad, (step[0], index)
+            if g.is_sparse:  # an embedding's looked-up rows (tied to no dense use)
+                g = g.coalesce()
+                optim.add_stochastic_rows_(scores[name], g.indices()[0], g.values().abs_(), key=key)
+            else:
+                optim.add_stochastic_(scores[name], g.abs_(), key=key)  # unbiased bf16 sum
             p.grad = None
         return hook
 
     for index, (name, t) in enumerate(theta.items()):
         t.requires_grad_(True)
         handles.append(t.register_post_accumulate_grad_hook(accumulate(name, index)))
+    diffed = {id(t) for t in theta.values()}
+    sparse = [m for m in dm.model.modules() if embedding_rows and type(m) is torch.nn.Embedding and not m.sparse
+              and id(m.weight) in diffed and m.weight.device.type == "cpu" and m.max_norm is None]
+    for m in sparse:
+        m.sparse = True
     was_training = dm.training
     dm.train()
     try:
@@ -70,6 +85,8 @@ def importance(dm, batches: Iterable[dict], head_optimizer=None, on_step=None,
             if on_step is not None:
                 on_step(float(loss.detach()))
     finally:
+        for m in sparse:
+            m.sparse = False
         for h in handles:
             h.remove()
         for t in theta.values():

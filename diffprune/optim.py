@@ -75,6 +75,21 @@ def add_stochastic_(acc: torch.Tensor, x: torch.Tensor, key: tuple[int, ...]) ->
         stochastic_round_(flat_a[sl], total, _halves(noise, total.numel())[0])
 
 
+@torch.no_grad()
+def add_stochastic_rows_(acc: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, key: tuple[int, ...]) -> None:
+    """acc[rows] += x for sorted distinct `rows` of a CPU bfloat16 `acc`: what `add_stochastic_` gives for
+    a tensor that is x in those rows and 0 elsewhere, bit for bit (each entry draws the random bits of
+    its position in the whole tensor; the other rows would add an exact 0), touching only those rows."""
+    if not rows.numel():
+        return
+    row = acc[0].numel()
+    noise = np.concatenate([_halves(Noise(key, acc.device).skip(r * row), row)[0] for r in rows.tolist()])
+    total = acc.index_select(0, rows).float().reshape(-1).add_(x.reshape(-1))
+    out = torch.empty(total.numel(), dtype=torch.bfloat16)
+    stochastic_round_(out, total, noise)
+    acc.index_copy_(0, rows, out.view(rows.numel(), *acc.shape[1:]))
+
+
 _WORKSPACES: dict = {}
 
 

@@ -158,6 +158,37 @@ def test_importance_accumulates_abs_gradients_without_keeping_them():
         torch.testing.assert_close(scores[n].float(), ref[n], rtol=2e-2, atol=1e-8, msg=n)
 
 
+def test_importance_of_an_embedding_from_its_looked_up_rows_equals_the_dense_gradients_bit_for_bit(monkeypatch):
+    """The warm-up gives a diffed nn.Embedding the gradient of the rows the batch looks up only (repeated
+    ids, the padding id, rows never looked up): the same bfloat16 scores, bit for bit, as the dense
+    gradient, and the module is left as it was."""
+    model = tiny_bert()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    other = copy.deepcopy(model)
+    batches = [bert_batch(model, seed=s) for s in range(3)]
+    batches[0]["input_ids"][0, :4] = torch.tensor([0, 7, 7, 7])  # the padding id and a repeated id
+    grads = []
+    real = torch.Tensor.coalesce
+
+    def seen(self):  # the sparse path ran
+        grads.append(self.shape)
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "coalesce", seen)
+    rows = cand.importance(DiffModel(model, DiffPruningConfig(candidates=0.1)), batches)
+    n_sparse, grads[:] = len(grads), []
+    dense = cand.importance(DiffModel(other, DiffPruningConfig(candidates=0.1)), batches, embedding_rows=False)
+    embeddings = [m for m in model.modules() if type(m) is torch.nn.Embedding]
+    assert n_sparse == 3 * len(embeddings) and not grads  # word, position, token type; each batch
+    assert not any(m.sparse for m in embeddings)
+    word = "bert.embeddings.word_embeddings.weight"
+    assert (dense[word] == 0).all(dim=1).any() and (dense[word] != 0).any()  # rows never looked up stay 0
+    for n in dense:
+        assert torch.equal(rows[n], dense[n]), n
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(candidates=1.0), "fraction in \\(0, 1\\)"),
     (dict(candidates=0.001, target_sparsity=0.005), "below target_sparsity"),
