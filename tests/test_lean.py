@@ -286,3 +286,55 @@ def test_gradient_checkpointing_trains_to_the_same_diff(tmp_path, tiny_base, glu
     for name in a.indices:
         assert torch.equal(a.indices[name], b.indices[name]), name
         torch.testing.assert_close(b.values[name], a.values[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_lean_candidate_run_from_before_the_step_moved_after_backward_resumes(tmp_path, tiny_base, glue, monkeypatch):
+    """Until 2026-12-07 `--memory lean --candidates` stepped AdamW inside backward; since then after it, with
+    the same stored settings (optimizer_in_backward unset). A run checkpointed the old way resumes with the
+    new step: the in-backward optimiser's per-tensor state (torch's format) loads into the one AdamW, whose
+    moments and step counts continue from the checkpoint, and the run ends with a diff of the budget."""
+    from diffprune.training import checkpoints
+
+    kw = dict(task="rte", data_dir=str(glue), model=str(tiny_base), method="structured", memory="lean",
+              candidates=0.1, candidate_warmup_steps=2, target_sparsity=0.02, max_train_samples=64,
+              max_eval_samples=16, epochs=2, fixmask_epochs=1, batch_size=16, max_seq_length=32, progress=False,
+              save_steps=2)
+    run = tmp_path / "run"
+    real = checkpoints.write_checkpoint
+    seen = []
+
+    def stop_after_second(acc, run_dir, model, optimizer, pos, settings):
+        real(acc, run_dir, model, optimizer, pos, settings)
+        seen.append(type(optimizer).__name__)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "write_checkpoint", stop_after_second)
+    with pytest.raises(KeyboardInterrupt):  # the old way: inside backward
+        train(TrainConfig(output_dir=str(run), optimizer_in_backward=True, **kw))
+    assert seen == ["OptimizerInBackward"] * 2
+    # what such a run had stored: the option unset
+    for path in [*run.glob("checkpoint/step-*/trainer_state.json"), run / "run.json"]:
+        data = json.loads(path.read_text())
+        assert data["settings"]["optimizer_in_backward"] is True
+        data["settings"]["optimizer_in_backward"] = None
+        path.write_text(json.dumps(data))
+    (step_dir,) = run.glob("checkpoint/step-*")
+    saved = checkpoints.load_safetensors(step_dir / "optimizer.safetensors")
+    saved_sd = checkpoints.optimizer_from_safetensors(*saved)
+    resumed = []
+
+    def record(acc, run_dir, model, optimizer, pos, settings):
+        if not resumed:
+            inner = getattr(optimizer, "optimizer", optimizer)  # (accelerate's wrapper)
+            resumed.append((type(inner).__name__, pos.global_step, copy.deepcopy(optimizer.state_dict())))
+        real(acc, run_dir, model, optimizer, pos, settings)
+
+    monkeypatch.setattr(checkpoints, "write_checkpoint", record)
+    res = train(TrainConfig(output_dir=str(run), resume=True, **kw))
+    name, step, sd = resumed[0]
+    assert name == "AdamW" and step == 6  # the L0 stage continued after backward, from step 4
+    w = 0  # the first tensor's w: its moments came from the checkpoint and moved on for two more steps
+    assert float(saved_sd["state"][w]["step"]) == 4 and float(sd["state"][w]["step"]) == 6
+    assert not torch.equal(sd["state"][w]["exp_avg"], saved_sd["state"][w]["exp_avg"])
+    assert res["nnz"] == round(0.02 * SparseDiff.load(run).n_diffed)
