@@ -7,7 +7,8 @@ the tensor's expected number of nonzero gates (the L0 penalty term). Its backwar
 the uniform noise from the seed used in forward and folds the penalty's gradient into the gates'
 gradient, so the only full-size tensors it allocates are its output (which the model needs as its
 weight anyway) and the two gradients: no noise, gate, slope or product tensors are kept or
-materialised, and the penalty costs no separate full-size pass or gradient tensor.
+materialised, and the penalty costs no separate full-size pass or gradient tensor. `GatedSegments` does
+the same for many tensors' candidate entries at once (the candidate L0 stage, one pass a step).
 """
 
 from __future__ import annotations
@@ -322,12 +323,31 @@ def _pieces(sizes: list[int], bs: int) -> list[list[tuple[int, int, int]]]:
     return blocks
 
 
-def _joined(tensors: list[torch.Tensor], pieces, out: torch.Tensor | None = None) -> torch.Tensor:
+def _segment_blocks(sizes: list[int], bs: int, device):
+    """Per block of `_pieces`: (its first flat index, its entries, its pieces, each piece's length and
+    segment as tensors)."""
+    i = 0
+    for pieces in _pieces(sizes, bs):
+        counts = torch.tensor([b - a for _, a, b in pieces], device=device)
+        segs = torch.tensor([kk for kk, _, _ in pieces], device=device)
+        m = int(sum(b - a for _, a, b in pieces))
+        yield i, m, pieces, counts, segs
+        i += m
+
+
+def _uniform_pieces_(buf: torch.Tensor, noises: list[Noise], pieces) -> torch.Tensor:
+    """buf <- each piece's next uniforms from its segment's stream, one piece after another."""
+    pos = 0
+    for kk, a, b in pieces:
+        noises[kk].uniform_(buf[pos:pos + b - a])
+        pos += b - a
+    return buf
+
+
+def _joined(tensors: list[torch.Tensor], pieces) -> torch.Tensor:
     """The pieces' entries of the (flat) tensors, one after another (a view when one piece)."""
     parts = [tensors[k][a:b] for k, a, b in pieces]
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _group_gates(groups: list[torch.Tensor], seeds: list[int], l: float, r: float, slope: bool = False):
@@ -375,16 +395,8 @@ class GatedSegments(torch.autograd.Function):
         bs = _block_size(n, device)
         buf = torch.empty(bs, dtype=cdt, device=device)
         noises = [Noise(seed, device) for seed in seeds]
-        i = 0
-        for pieces in _pieces(sizes, bs):
-            counts = torch.tensor([b - a for _, a, b in pieces], device=device)
-            segs = torch.tensor([kk for kk, _, _ in pieces], device=device)
-            m = int(sum(b - a for _, a, b in pieces))
-            s = buf[:m]
-            pos = 0
-            for kk, a, b in pieces:
-                noises[kk].uniform_(s[pos:pos + b - a])
-                pos += b - a
+        for i, m, pieces, counts, segs in _segment_blocks(sizes, bs, device):
+            s = _uniform_pieces_(buf[:m], noises, pieces)
             ab = _joined(alphas, pieces)
             d = _stretch_clamp_(s.logit_(_EPS).add_(ab).sigmoid_(), l, r).mul_(_joined(ws, pieces))
             if z_g is not None:
@@ -393,7 +405,6 @@ class GatedSegments(torch.autograd.Function):
             o.add_(d if o.dtype == cdt else d.to(o.dtype))  # == theta + delta
             if with_l0:
                 sums.index_add_(0, torch.repeat_interleave(segs, counts), _prob_nonzero_into_(torch.empty_like(s), ab, c_l0))
-            i += m
         ctx.save_for_backward(*ws, *alphas, *(groups or []))
         ctx.k, ctx.sizes, ctx.seeds, ctx.l, ctx.r, ctx.grouped = k, sizes, seeds, l, r, groups is not None
         ctx.set_materialize_grads(False)
@@ -426,21 +437,12 @@ class GatedSegments(torch.autograd.Function):
         bs = _block_size(n, device)
         s_buf, t_buf = torch.empty(bs, dtype=cdt, device=device), torch.empty(bs, dtype=cdt, device=device)
         noises = [Noise(seed, device) for seed in seeds]
-        i = 0
-        for pieces in _pieces(sizes, bs):
-            counts = torch.tensor([b - a for _, a, b in pieces], device=device)
-            segs = torch.tensor([kk for kk, _, _ in pieces], device=device)
-            m = int(sum(b - a for _, a, b in pieces))
+        for i, m, pieces, counts, segs in _segment_blocks(sizes, bs, device):
             ab = _joined(alphas, pieces)
             seg_ids = torch.repeat_interleave(segs, counts) if (z_g is not None or grad_sums is not None) else None
             ga = torch.zeros(m, dtype=cdt, device=device)
             if g is not None:
-                s = s_buf[:m]
-                pos = 0
-                for kk, a, b in pieces:
-                    noises[kk].uniform_(s[pos:pos + b - a])
-                    pos += b - a
-                s.logit_(_EPS).add_(ab).sigmoid_()
+                s = _uniform_pieces_(s_buf[:m], noises, pieces).logit_(_EPS).add_(ab).sigmoid_()
                 gb, wb = g[i:i + m], _joined(ws, pieces)
                 wb = wb if wb.dtype == cdt else wb.to(cdt)
                 gz = torch.mul(s, r - l).add_(l).clamp_(0.0, 1.0).mul_(gb)  # dL/dw before the group gate
@@ -458,7 +460,6 @@ class GatedSegments(torch.autograd.Function):
                 p = _prob_nonzero_into_(torch.empty(m, dtype=cdt, device=device), ab, c_l0)
                 ga.addcmul_(torch.addcmul(p, p, p, value=-1.0), grad_sums.to(cdt).index_select(0, seg_ids))
             torch._foreach_copy_([grad_a[kk].view(-1)[a:b] for kk, a, b in pieces], list(ga.split(counts.tolist())))
-            i += m
         if gzw is not None:
             grad_g = list((gzw * slope_g).to(groups[0].dtype).unbind(0))
             grad_g = [gg.reshape(gr.shape) for gg, gr in zip(grad_g, groups)]

@@ -358,39 +358,41 @@ class DiffModel(nn.Module):
         candidates' flat positions, their (crow, col)); None in every other case. The module hook that asks for it
         (`layers`) computes the weight's gradient at the candidates only (a sampled matmul), instead
         of the dense gradient of the whole matrix that would then be gathered."""
-        if self._stage != "l0" or step.seed is None:
+        found = self._candidate_matrix(name, step)
+        if found is None:
             return None
-        slot = self._slot(name)
-        if not isinstance(slot, _CandidateSlot):
-            return None
-        t = self._theta_of(name)
-        if t.dim() != 2:
-            return None
+        t, slot, vals = found
         cand = slot.candidates
-        vals = self._l0_values(name, step, slot, engine.gather(t.reshape(-1), cand), False)
         with torch.no_grad():
             eff = engine.put(t.reshape(-1), cand, vals.detach().to(t.dtype)).view_as(t)
         return eff, vals, cand, slot.csr(tuple(t.shape))
+
+    def _candidate_matrix(self, name: str, step: layers.Step) -> tuple | None:
+        """(theta, slot, theta + delta at the candidates with its graph) of a candidate-restricted matrix
+        in a training step of the L0 stage; None for anything else."""
+        if self._stage != "l0" or step.seed is None:
+            return None
+        slot = self._slot(name)
+        t = self._theta_of(name)
+        if not isinstance(slot, _CandidateSlot) or t.dim() != 2:
+            return None
+        return t, slot, self._l0_values(name, step, slot, engine.gather(t.reshape(-1), slot.candidates), False)
 
     def sampled_rows(self, name: str, step: layers.Step, ids: torch.Tensor) -> tuple | None:
         """For a candidate-restricted matrix looked up by rows (an nn.Embedding, `ids` its input) in a
         training step of the L0 stage: theta + delta of the distinct ids' rows only, as a plain
         (rows, dim) tensor outside autograd; theta + delta at all the tensor's candidates with its
         autograd graph; which of those lie in the rows (their indices into the candidates, local row,
-        column); the sorted distinct ids and each id's index among them. None in every other case. The module hook (`layers`) looks the batch up in these rows and passes the rows'
-        gradient to the candidates in them (`SampledRowsGrad`): neither the full (vocabulary, dim)
+        column); the sorted distinct ids and each id's index among them. None in every other case. The
+        module hook (`layers`) looks the batch up in these rows and passes the rows' gradient to the candidates in them (`SampledRowsGrad`): neither the full (vocabulary, dim)
         effective weight nor its dense gradient is formed."""
-        if self._stage != "l0" or step.seed is None:
+        if ids.is_floating_point() or ids.is_complex():
             return None
-        slot = self._slot(name)
-        if not isinstance(slot, _CandidateSlot):
+        found = self._candidate_matrix(name, step)
+        if found is None:
             return None
-        t = self._theta_of(name)
-        if t.dim() != 2 or ids.is_floating_point() or ids.is_complex():
-            return None
+        t, slot, vals = found
         rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-        cand = slot.candidates
-        vals = self._l0_values(name, step, slot, engine.gather(t.reshape(-1), cand), False)
         crow, col = slot.csr(tuple(t.shape))
         sel, local = layers.candidates_in_rows(crow, rows)
         col = col.index_select(0, sel).long()
