@@ -251,7 +251,7 @@ def gated_diff(theta, w, alpha, alpha_group, seed: int, l: float, r: float,
     return GatedDiff.apply(theta, w, alpha, alpha_group, seed, l, r, False, cache, fill)[0]
 
 
-def _with_group_term(total: torch.Tensor, alpha_group, l: float, r: float, group_penalty: str) -> torch.Tensor:
+def with_group_term(total: torch.Tensor, alpha_group, l: float, r: float, group_penalty: str) -> torch.Tensor:
     """Add the group gate to a tensor's penalised count (see `DiffPruningConfig.group_penalty`).
 
     "expected_l0": sum_i P(z_i) * P(z_g), the expected number of nonzeros of the diff.
@@ -275,7 +275,7 @@ def gated_diff_and_l0(theta, w, alpha, alpha_group, seed: int, l: float, r: floa
     float rounding. `cache`: where a recompute of this sample leaves s for the backward.
     """
     out, total = GatedDiff.apply(theta, w, alpha, alpha_group, seed, l, r, True, cache)
-    return out, _with_group_term(total, alpha_group, l, r, group_penalty)
+    return out, with_group_term(total, alpha_group, l, r, group_penalty)
 
 
 class _SumProbNonzero(torch.autograd.Function):
@@ -300,7 +300,7 @@ def expected_nonzeros(
     """The penalised gate count of one tensor: sum_i P(z_i != 0), and when structured the group
     term of `group_penalty`. With the default, "expected_l0", this is E[||delta||_0] of the tensor.
     """
-    return _with_group_term(_SumProbNonzero.apply(alpha, log_ratio(l, r)), alpha_group, l, r, group_penalty)
+    return with_group_term(_SumProbNonzero.apply(alpha, log_ratio(l, r)), alpha_group, l, r, group_penalty)
 
 
 # ---- many tensors' candidate entries in one pass ----------------------------------------------------
@@ -469,7 +469,7 @@ class GatedSegments(torch.autograd.Function):
 def segments_gate_count(sums: torch.Tensor, groups: list[torch.Tensor] | None, l: float, r: float,
                         group_penalty: str) -> torch.Tensor:
     """The penalised gate count of many tensors (`GatedSegments`' per-tensor sums): the sum over them of
-    what `_with_group_term` gives each."""
+    what `with_group_term` gives each."""
     if groups is None:
         return sums.sum()
     p_group = torch.sigmoid(torch.stack([g.reshape(()) for g in groups]) - log_ratio(l, r))
@@ -478,3 +478,80 @@ def segments_gate_count(sums: torch.Tensor, groups: list[torch.Tensor] | None, l
     if group_penalty == "per_gate":
         return sums.sum() + p_group.sum()
     raise ValueError(f"group_penalty {group_penalty!r} is not one of {GROUP_PENALTIES}")
+
+
+# ---- an embedding's looked-up rows (dense L0 stage) ----------------------------------------------------
+def _row_uniforms(rows: list[int], dim: int, seed: int, device, dtype) -> torch.Tensor:
+    """The uniforms `GatedDiff` draws for the entries of `rows` of a (n, dim) tensor (CPU: the stream is
+    skipped to each row's first word)."""
+    u = torch.empty(len(rows), dim, dtype=dtype, device=device)
+    for i, row in enumerate(rows):
+        Noise(seed, device).skip(row * dim).uniform_(u[i])
+    return u
+
+
+class GatedRows(torch.autograd.Function):
+    """`GatedDiff` of a (n, dim) tensor looked up at a few `rows` (an nn.Embedding in the dense L0
+    stage): theta[rows] + z * z_g * w at those rows only, drawn from the same noise (each row's words of
+    the tensor's stream), and the whole tensor's sum_i P(z_i != 0). Backward gives w the gradient of
+    those rows (the rest of the tensor gets none from the task, as the embedding's dense gradient is 0
+    there) and alpha that gate part at those rows plus the penalty's part everywhere: one pass over
+    the tensor for the penalty instead of two gate passes (noise, logit, sigmoid, products) over all
+    of it. CPU only (the stream skips)."""
+
+    @staticmethod
+    def forward(ctx, theta_rows, w, alpha, alpha_group, rows, seed: int, l: float, r: float, with_l0: bool):
+        cdt, dim, device = compute_dtype(w), w.shape[1], w.device
+        z_g = sample_gate(alpha_group, l, r, seed + 1_000_003) if alpha_group is not None else None
+        row_list = rows.tolist()
+        s = _row_uniforms(row_list, dim, seed, device, cdt).logit_(_EPS).add_(alpha.index_select(0, rows)).sigmoid_()
+        d = _stretch_clamp_(s, l, r).mul_(w.index_select(0, rows))
+        if z_g is not None:
+            d.mul_(z_g)
+        out = d.add_(theta_rows) if theta_rows.dtype == cdt else d.to(theta_rows.dtype).add_(theta_rows)
+        expected = torch.zeros((), dtype=cdt, device=device)
+        if with_l0:
+            af, c = alpha.reshape(-1), log_ratio(l, r)
+            bs = _block_size(af.numel(), device)
+            buf = torch.empty(bs, dtype=cdt, device=device)
+            expected = sum(_prob_nonzero_into_(buf[: min(bs, af.numel() - i)], af[i:i + bs], c).sum()
+                           for i in range(0, af.numel(), bs))
+        ctx.save_for_backward(w, alpha, alpha_group, rows)
+        ctx.seed, ctx.l, ctx.r, ctx.rows = seed, l, r, row_list
+        ctx.set_materialize_grads(False)
+        if not with_l0:
+            ctx.mark_non_differentiable(expected)
+        return out, expected
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_expected):
+        w, alpha, alpha_group, rows = ctx.saved_tensors
+        l, r, seed = ctx.l, ctx.r, ctx.seed
+        cdt, dim, device = compute_dtype(w), w.shape[1], w.device
+        grad_w = torch.zeros_like(w) if grad_out is not None else None
+        grad_alpha = torch.zeros_like(alpha)
+        grad_group = None
+        if grad_expected is not None:  # d/dalpha of sum_i sigmoid(alpha_i - c) = p (1 - p), everywhere
+            af, gaf, c = alpha.reshape(-1), grad_alpha.view(-1), log_ratio(l, r)
+            bs = _block_size(af.numel(), device)
+            buf = torch.empty(bs, dtype=cdt, device=device)
+            for i in range(0, af.numel(), bs):
+                p = _prob_nonzero_into_(buf[: min(bs, af.numel() - i)], af[i:i + bs], c)
+                gaf[i:i + bs] = torch.addcmul(p, p, p, value=-1.0).mul_(grad_expected)
+        if grad_out is not None:
+            g = grad_out.to(cdt)
+            s = _row_uniforms(ctx.rows, dim, seed, device, cdt).logit_(_EPS).add_(alpha.index_select(0, rows)).sigmoid_()
+            wb = w.index_select(0, rows).to(cdt)
+            gz = torch.mul(s, r - l).add_(l).clamp_(0.0, 1.0).mul_(g)
+            scale = r - l
+            if alpha_group is not None:
+                z_g, slope_g = _gate_and_slope(alpha_group, l, r, seed + 1_000_003)
+                grad_group = torch.dot(gz.reshape(-1), wb.reshape(-1)) * slope_g
+                scale = z_g * (r - l)
+                gz.mul_(z_g)
+            grad_w.index_copy_(0, rows, gz.to(w.dtype))
+            lo, hi = -l / (r - l), (1.0 - l) / (r - l)
+            t = torch.addcmul(s, s, s, value=-1.0).mul_(g).mul_(wb).mul_(scale)
+            gate = torch.ops.aten.hardtanh_backward(t, s, lo, hi)
+            grad_alpha.index_copy_(0, rows, (grad_alpha.index_select(0, rows).to(cdt) + gate).to(alpha.dtype))
+        return None, grad_w, grad_alpha, grad_group, None, None, None, None, None

@@ -22,7 +22,9 @@ exception) puts the frozen parameter back. So:
   weight gradient (as large as the matrix, of which 5% would be kept) is never formed; an
   ``nn.Embedding`` gets only the rows the batch looks up, and passes their gradient to the candidates
   in them (`SampledRowsGrad`): a (vocabulary, dim) effective weight and its dense gradient, 2 x 45 MiB
-  a step for MiniLM's token embedding, are never formed.
+  a step for MiniLM's token embedding, are never formed;
+* in the dense L0 stage (on the CPU) an ``nn.Embedding`` computes its gates at the looked-up rows only
+  (`DiffModel.gated_rows`, `gates.GatedRows`), not over the whole (vocabulary, dim) tensor.
 
 The step state (`Step`: the noise seed of this forward, which tensors already contributed their
 L0 term, and in the candidate L0 stage the values of every tensor's candidates, computed in one pass
@@ -84,9 +86,10 @@ class _Site:
         for local, name in self.names:
             found = (dm.sampled_effective(name, step) if local == "weight" and type(module) is nn.Linear
                      and torch.is_grad_enabled() and inj.samples(module._parameters[local]) else None)
-            found_rows = (dm.sampled_rows(name, step, args[0]) if local == "weight" and type(module) is nn.Embedding
-                          and torch.is_grad_enabled() and inj.samples_rows(module) and args
-                          and isinstance(args[0], torch.Tensor) else None)
+            looks_up = (local == "weight" and type(module) is nn.Embedding and torch.is_grad_enabled()
+                        and inj.samples_rows(module) and args and isinstance(args[0], torch.Tensor))
+            found_rows = dm.sampled_rows(name, step, args[0]) if looks_up else None
+            dense_rows = dm.gated_rows(name, step, args[0]) if looks_up and found_rows is None else None
             if found is not None:
                 eff, vals, cand, csr = found
                 sampled.append((vals, cand, csr))
@@ -99,9 +102,18 @@ class _Site:
                 rows = (inverse, vals, sel, row, col, int(distinct.numel()), skip, pad)
                 module.padding_idx = None
                 new_args = (inverse, *args[1:])
+            elif dense_rows is not None:
+                # the rows with their graph: the embedding's own backward gives their gradient (none for
+                # the padding row, renumbered)
+                eff, distinct, inverse = dense_rows
+                pad = module.padding_idx
+                hit = (distinct == pad).nonzero() if pad is not None else None
+                module.padding_idx = int(hit[0, 0]) if hit is not None and hit.numel() else None
+                rows = (None, pad)
+                new_args = (inverse, *args[1:])
             else:
                 eff = dm.effective(name, step)
-            if found_rows is None:  # (the looked-up rows are not saved for backward: nothing to recompute)
+            if found_rows is None and dense_rows is None:  # (looked-up rows are not saved for backward)
                 effs.append((name, eff))
             step.ran.add(name)
             saved.append((local, module._parameters[local]))
@@ -126,6 +138,9 @@ class _Site:
             module._parameters[local] = param
         for vals, cand, (crow, col) in sampled:
             output = SampledWeightGrad.apply(output, args[0], vals, cand, crow, col)
+        if rows is not None and rows[0] is None:  # dense rows: their graph is the output's
+            module.padding_idx = rows[1]
+            return output if sampled else None
         if rows is not None:
             inverse, vals, sel, row, col, n_rows, skip, pad = rows
             module.padding_idx = pad

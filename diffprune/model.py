@@ -384,8 +384,9 @@ class DiffModel(nn.Module):
         (rows, dim) tensor outside autograd; theta + delta at all the tensor's candidates with its
         autograd graph; which of those lie in the rows (their indices into the candidates, local row,
         column); the sorted distinct ids and each id's index among them. None in every other case. The
-        module hook (`layers`) looks the batch up in these rows and passes the rows' gradient to the candidates in them (`SampledRowsGrad`): neither the full (vocabulary, dim)
-        effective weight nor its dense gradient is formed."""
+        module hook (`layers`) looks the batch up in these rows and passes the rows' gradient to the
+        candidates in them (`SampledRowsGrad`): neither the full (vocabulary, dim) effective weight nor
+        its dense gradient is formed."""
         if ids.is_floating_point() or ids.is_complex():
             return None
         found = self._candidate_matrix(name, step)
@@ -400,6 +401,28 @@ class DiffModel(nn.Module):
             eff = t.index_select(0, rows)
             eff[local, col] = vals.detach().index_select(0, sel).to(t.dtype)
         return eff, vals, sel, local, col, rows, inverse
+
+    def gated_rows(self, name: str, step: layers.Step, ids: torch.Tensor) -> tuple | None:
+        """For a matrix with dense L0 state looked up by rows (an nn.Embedding, `ids` its input) in a
+        training step of the L0 stage on the CPU: (theta + delta of the distinct ids' rows, with its
+        autograd graph, `gates.GatedRows`; the sorted distinct ids; each id's index among them), adding
+        the tensor's L0 term as `effective` does; None in every other case. The module looks the batch
+        up in these rows: the gates run at those rows only, not over the whole (vocabulary, dim) tensor
+        twice a step."""
+        if self._stage != "l0" or step.seed is None or self.sharded or ids.is_floating_point() or ids.is_complex():
+            return None
+        slot, t = self._slot(name), self._theta_of(name)
+        if (not isinstance(slot, _L0Slot) or isinstance(slot, _CandidateSlot) or slot.alpha is None or t.dim() != 2
+                or t.device.type != "cpu"):
+            return None
+        c = self.config
+        rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        with_l0 = step.with_l0 and torch.is_grad_enabled()
+        eff, e = gates.GatedRows.apply(t.index_select(0, rows), slot.w, slot.alpha, slot.alpha_group, rows,
+                                       _tensor_seed(step.seed, self._index[name]), c.stretch_l, c.stretch_r, with_l0)
+        if with_l0 and name not in step.penalised:
+            step.add_l0(name, gates.with_group_term(e, slot.alpha_group, c.stretch_l, c.stretch_r, c.group_penalty))
+        return eff, rows, inverse
 
     def _bankable(self) -> bool:
         """Whether this L0 stage's gates can run as one pass (`_candidate_bank`): candidates on every

@@ -157,8 +157,10 @@ def test_recomputed_weights_same_gradients_and_not_kept(stage, monkeypatch):
         dm.zero_grad(set_to_none=True)
     assert len(counts[True]) == len(counts[False]) > 0
     pairs = list(zip(counts[True], counts[False]))
-    # every one but the embedding (whose backward needs only the token ids) is held without recompute
-    assert all(a <= b for a, b in pairs) and sum(a < b for a, b in pairs) == len(pairs) - 1, counts
+    # every one but the embedding (whose backward needs only the token ids) is held without recompute; in
+    # the L0 stage the embedding's looked-up rows do not come from `effective` (`DiffModel.gated_rows`)
+    held = sum(a < b for a, b in pairs)
+    assert all(a <= b for a, b in pairs) and held == len(pairs) - (stage == "fixed"), counts
 
 
 def _assert_recompute_hands_its_sample_to_the_backward(dm, batch, plain, monkeypatch):
@@ -485,6 +487,68 @@ def test_candidate_gates_in_one_pass_equal_the_per_tensor_gates(kind, setting, m
         return
     # bf16 alpha: the per-tensor pass rounds alpha's gradient to bf16 twice (its gate part, then with its L0
     # part added), the one pass once; each within a bf16 step of the tensor's largest gradient
+    (loss_a, ga), (loss_b, gb) = results[True], results[False]
+    assert loss_a == pytest.approx(loss_b, rel=1e-5) and set(ga) == set(gb)
+    for n in ga:
+        torch.testing.assert_close(ga[n].float(), gb[n].float(), rtol=1e-2, atol=1e-2 * float(gb[n].float().abs().max()), msg=n)
+
+
+def _embeddings_of(kind):
+    return [m for m in _model(kind)[0].modules() if type(m) is torch.nn.Embedding]
+
+
+@pytest.mark.parametrize("setting", ["plain", "checkpointing", "recompute", "bf16 alpha, expected_l0"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_dense_embedding_rows_equal_the_whole_tensors_gates(kind, setting):
+    """In the dense L0 stage an nn.Embedding's gates run at the rows the batch looks up only (GatedRows;
+    a repeated id, the padding id): the same loss (L0 term of every entry included) and gradients for
+    w, alpha and the group logit as the gate pass over the whole tensor; GPT-2's token embedding is
+    tied to its LM head, whose nn.Linear use keeps the whole tensor's pass."""
+    from diffprune import gates
+
+    model, batch = _model(kind)
+    dm = DiffModel(model, DiffPruningConfig(l0_lambda=1e-3, structured=True)).train()
+    _randomise(dm)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for slot in dm.slots.values():
+            slot.alpha_group.fill_(float(torch.rand((), generator=g)) - 0.5)
+            slot.alpha[0] = 6.0  # the padding row (BERT's 0) with open gates
+    batch["input_ids"][0, :4] = torch.tensor([0, 5, 5, 5])
+    if kind != "bert":
+        batch["labels"] = batch["input_ids"].clone()
+    if setting == "checkpointing":
+        dm.gradient_checkpointing_enable({"use_reentrant": False})
+    if setting == "recompute":
+        dm.recompute_weights = True
+    if setting.startswith("bf16"):
+        dm.config.group_penalty = "expected_l0"
+        for slot in dm.slots.values():
+            slot.alpha.data = slot.alpha.data.bfloat16()
+            slot.alpha_group.data = slot.alpha_group.data.bfloat16()
+    calls = []
+    real = gates.GatedRows.forward
+
+    def counting(ctx, *args):
+        calls.append(args[1].shape)
+        return real(ctx, *args)
+
+    results = {}
+    embeddings = [m for m in dm.model.modules() if type(m) is torch.nn.Embedding]
+    for rows in (True, False):
+        dm._injector.sampled_grad = None if rows else False
+        gates.GatedRows.forward = staticmethod(counting)
+        try:
+            calls.clear()
+            torch.manual_seed(7)
+            results[rows] = _loss_and_grads(dm, lambda: dm(**batch).loss)
+        finally:
+            gates.GatedRows.forward = staticmethod(real)
+        assert (len(calls) >= len(embeddings)) if rows else not calls  # (checkpointing reruns some)
+    assert [m.padding_idx for m in embeddings] == [m.padding_idx for m in _embeddings_of(kind)]
+    if not setting.startswith("bf16"):
+        _assert_same(results[True], results[False], rtol=1e-5, atol=1e-7)
+        return
     (loss_a, ga), (loss_b, gb) = results[True], results[False]
     assert loss_a == pytest.approx(loss_b, rel=1e-5) and set(ga) == set(gb)
     for n in ga:
