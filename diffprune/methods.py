@@ -138,9 +138,10 @@ class DiffMethod(Method):
     def state_bytes_per_parameter(self, cfg=None) -> float:
         # L0 stage: w and alpha, their gradients, four AdamW moments, and theta + delta while a step runs
         # (magnitude: no alpha). Lean options: no persistent gradients (optimizer in backward), alpha and
-        # its moments in bf16, effective weights recomputed; candidates: that state (plus 8 bytes: the
-        # int32 position and a matrix's int32 CSR column) on the fraction c only, after a warm-up holding
-        # 2-byte scores for every entry (with --memory lean the gradients stay: `lean.LEAN`).
+        # its moments in bf16, effective weights recomputed; candidates: that state (plus 12 bytes: the
+        # int32 position, a matrix's int32 CSR column and theta + delta at the candidate kept for the step,
+        # `DiffModel._candidate_bank`) on the fraction c only, after a warm-up holding 2-byte scores for
+        # every entry (with --memory lean the gradients stay: `lean.LEAN`).
         opts = _options(cfg)
         grads = 0 if opts["optimizer_in_backward"] else 1
         wb = 2 if opts["w_dtype"] == "bf16" and self.use_gates else 4
@@ -151,7 +152,7 @@ class DiffMethod(Method):
         c = getattr(cfg, "candidates", None) if self.use_gates else None
         if c is None:
             return w + alpha + effective
-        return max(2.0, c * (w + alpha + 8)) + effective
+        return max(2.0, c * (w + alpha + 12)) + effective
 
     def training_state(self, base, missing, cfg, family=None):
         # only what is diffed carries diff state: the family's frozen tensors (a causal LM's embeddings and LM

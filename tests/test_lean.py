@@ -232,6 +232,9 @@ def test_state_estimate_follows_the_memory_options():
     assert m.state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean", moments_dtype="bf16")) == 4 + 4 + 2 + 4
     assert m.state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean", w_dtype="bf16")) == 2 + 4 + 2 + 4
     assert m.state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean", candidates=0.05)) == 2.0
+    # at 10%: w (4), its gradient (4) and moments (8), alpha (2), its gradient (2) and moments (4), the int32
+    # position and CSR column (8), and the step's theta + delta (4) per candidate
+    assert m.state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean", candidates=0.1)) == pytest.approx(3.6)
     assert get_method("full").state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean")) == 8
 
 
