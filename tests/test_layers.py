@@ -443,6 +443,33 @@ def test_sampled_weight_grad_equals_the_dense_product_at_the_positions():
                                rtol=1e-5, atol=1e-6)
 
 
+def _apply_setting(dm: DiffModel, setting: str) -> None:
+    """"checkpointing", "recompute", or "bf16 alpha, expected_l0" (gate logits in bf16, the other group
+    penalty); anything else: as built."""
+    if setting == "checkpointing":
+        dm.gradient_checkpointing_enable({"use_reentrant": False})
+    if setting == "recompute":
+        dm.recompute_weights = True
+    if setting.startswith("bf16"):
+        dm.config.group_penalty = "expected_l0"
+        for slot in dm.slots.values():
+            slot.alpha.data = slot.alpha.data.bfloat16()
+            slot.alpha_group.data = slot.alpha_group.data.bfloat16()
+
+
+def _assert_same_in_setting(a, b, setting: str) -> None:
+    """Equal losses and gradients; with bf16 logits each gradient within a bf16 step of its tensor's largest
+    (one path rounds alpha's gradient to bf16 twice, its gate part then with its L0 part added, the other
+    once)."""
+    if not setting.startswith("bf16"):
+        _assert_same(a, b, rtol=1e-5, atol=1e-7)
+        return
+    (loss_a, ga), (loss_b, gb) = a, b
+    assert loss_a == pytest.approx(loss_b, rel=1e-5) and set(ga) == set(gb)
+    for n in ga:
+        torch.testing.assert_close(ga[n].float(), gb[n].float(), rtol=1e-2, atol=1e-2 * float(gb[n].float().abs().max()), msg=n)
+
+
 @pytest.mark.parametrize("setting", ["plain", "checkpointing", "recompute", "bf16 alpha, expected_l0"])
 @pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
 def test_candidate_gates_in_one_pass_equal_the_per_tensor_gates(kind, setting, monkeypatch):
@@ -457,15 +484,7 @@ def test_candidate_gates_in_one_pass_equal_the_per_tensor_gates(kind, setting, m
     with torch.no_grad():  # group gates strictly between 0 and 1, so that their logits get a gradient
         for slot in dm.slots.values():
             slot.alpha_group.fill_(float(torch.rand((), generator=g)) - 0.5)
-    if setting == "checkpointing":
-        dm.gradient_checkpointing_enable({"use_reentrant": False})
-    if setting == "recompute":
-        dm.recompute_weights = True
-    if setting.startswith("bf16"):
-        dm.config.group_penalty = "expected_l0"
-        for slot in dm.slots.values():
-            slot.alpha.data = slot.alpha.data.bfloat16()
-            slot.alpha_group.data = slot.alpha_group.data.bfloat16()
+    _apply_setting(dm, setting)
     monkeypatch.setattr(gates, "_CPU_BLOCK", 64)  # blocks that span tensors and tensors over several blocks
     calls = []
     real = gates.GatedDiff.forward
@@ -482,15 +501,7 @@ def test_candidate_gates_in_one_pass_equal_the_per_tensor_gates(kind, setting, m
         torch.manual_seed(7)
         results[batched] = _loss_and_grads(dm, lambda: dm(**batch).loss)
         assert bool(calls) != batched
-    if not setting.startswith("bf16"):
-        _assert_same(results[True], results[False], rtol=1e-5, atol=1e-7)
-        return
-    # bf16 alpha: the per-tensor pass rounds alpha's gradient to bf16 twice (its gate part, then with its L0
-    # part added), the one pass once; each within a bf16 step of the tensor's largest gradient
-    (loss_a, ga), (loss_b, gb) = results[True], results[False]
-    assert loss_a == pytest.approx(loss_b, rel=1e-5) and set(ga) == set(gb)
-    for n in ga:
-        torch.testing.assert_close(ga[n].float(), gb[n].float(), rtol=1e-2, atol=1e-2 * float(gb[n].float().abs().max()), msg=n)
+    _assert_same_in_setting(results[True], results[False], setting)
 
 
 def _embeddings_of(kind):
@@ -499,7 +510,7 @@ def _embeddings_of(kind):
 
 @pytest.mark.parametrize("setting", ["plain", "checkpointing", "recompute", "bf16 alpha, expected_l0"])
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
-def test_dense_embedding_rows_equal_the_whole_tensors_gates(kind, setting):
+def test_dense_embedding_rows_equal_the_whole_tensors_gates(kind, setting, monkeypatch):
     """In the dense L0 stage an nn.Embedding's gates run at the rows the batch looks up only (GatedRows;
     a repeated id, the padding id): the same loss (L0 term of every entry included) and gradients for
     w, alpha and the group logit as the gate pass over the whole tensor; GPT-2's token embedding is
@@ -517,15 +528,7 @@ def test_dense_embedding_rows_equal_the_whole_tensors_gates(kind, setting):
     batch["input_ids"][0, :4] = torch.tensor([0, 5, 5, 5])
     if kind != "bert":
         batch["labels"] = batch["input_ids"].clone()
-    if setting == "checkpointing":
-        dm.gradient_checkpointing_enable({"use_reentrant": False})
-    if setting == "recompute":
-        dm.recompute_weights = True
-    if setting.startswith("bf16"):
-        dm.config.group_penalty = "expected_l0"
-        for slot in dm.slots.values():
-            slot.alpha.data = slot.alpha.data.bfloat16()
-            slot.alpha_group.data = slot.alpha_group.data.bfloat16()
+    _apply_setting(dm, setting)
     calls = []
     real = gates.GatedRows.forward
 
@@ -535,21 +538,12 @@ def test_dense_embedding_rows_equal_the_whole_tensors_gates(kind, setting):
 
     results = {}
     embeddings = [m for m in dm.model.modules() if type(m) is torch.nn.Embedding]
+    monkeypatch.setattr(gates.GatedRows, "forward", staticmethod(counting))
     for rows in (True, False):
         dm._injector.sampled_grad = None if rows else False
-        gates.GatedRows.forward = staticmethod(counting)
-        try:
-            calls.clear()
-            torch.manual_seed(7)
-            results[rows] = _loss_and_grads(dm, lambda: dm(**batch).loss)
-        finally:
-            gates.GatedRows.forward = staticmethod(real)
+        calls.clear()
+        torch.manual_seed(7)
+        results[rows] = _loss_and_grads(dm, lambda: dm(**batch).loss)
         assert (len(calls) >= len(embeddings)) if rows else not calls  # (checkpointing reruns some)
     assert [m.padding_idx for m in embeddings] == [m.padding_idx for m in _embeddings_of(kind)]
-    if not setting.startswith("bf16"):
-        _assert_same(results[True], results[False], rtol=1e-5, atol=1e-7)
-        return
-    (loss_a, ga), (loss_b, gb) = results[True], results[False]
-    assert loss_a == pytest.approx(loss_b, rel=1e-5) and set(ga) == set(gb)
-    for n in ga:
-        torch.testing.assert_close(ga[n].float(), gb[n].float(), rtol=1e-2, atol=1e-2 * float(gb[n].float().abs().max()), msg=n)
+    _assert_same_in_setting(results[True], results[False], setting)
