@@ -97,9 +97,7 @@ class _Site:
                 # the module looks the batch up in the rows it uses (renumbered), outside autograd
                 eff, vals, sel, row, col, distinct, inverse = found_rows
                 pad = module.padding_idx  # only shapes the weight's gradient, which SampledRowsGrad makes
-                hit = (distinct == pad).nonzero() if pad is not None else None
-                skip = int(hit[0, 0]) if hit is not None and hit.numel() else None
-                rows = (inverse, vals, sel, row, col, int(distinct.numel()), skip, pad)
+                rows = (inverse, vals, sel, row, col, int(distinct.numel()), _row_of(distinct, pad), pad)
                 module.padding_idx = None
                 new_args = (inverse, *args[1:])
             elif dense_rows is not None:
@@ -107,8 +105,7 @@ class _Site:
                 # the padding row, renumbered)
                 eff, distinct, inverse = dense_rows
                 pad = module.padding_idx
-                hit = (distinct == pad).nonzero() if pad is not None else None
-                module.padding_idx = int(hit[0, 0]) if hit is not None and hit.numel() else None
+                module.padding_idx = _row_of(distinct, pad)
                 rows = (None, pad)
                 new_args = (inverse, *args[1:])
             else:
@@ -198,6 +195,14 @@ class SampledRowsGrad(torch.autograd.Function):
         g = torch.zeros(ctx.n_vals, dtype=ctx.vals_dtype, device=dy.device)
         g[sel] = g_rows[row, col].to(ctx.vals_dtype)
         return dy, None, g, None, None, None, None, None
+
+
+def _row_of(distinct: torch.Tensor, idx: int | None) -> int | None:
+    """Where id `idx` (a padding index) is among the sorted distinct ids a batch looks up; None if absent."""
+    if idx is None:
+        return None
+    hit = (distinct == idx).nonzero()
+    return int(hit[0, 0]) if hit.numel() else None
 
 
 def candidates_in_rows(crow: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
