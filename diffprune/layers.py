@@ -83,6 +83,7 @@ class _Site:
         dm = inj.dm
         step = dm.current_step()
         saved, effs, sampled, rows, new_args = [], [], [], None, None
+        attrs = {}  # module attributes changed for this call, restored after it
         for local, name in self.names:
             found = (dm.sampled_effective(name, step) if local == "weight" and type(module) is nn.Linear
                      and torch.is_grad_enabled() and inj.samples(module._parameters[local]) else None)
@@ -96,17 +97,17 @@ class _Site:
             elif found_rows is not None:
                 # the module looks the batch up in the rows it uses (renumbered), outside autograd
                 eff, vals, sel, row, col, distinct, inverse = found_rows
-                pad = module.padding_idx  # only shapes the weight's gradient, which SampledRowsGrad makes
-                rows = (inverse, vals, sel, row, col, int(distinct.numel()), _row_of(distinct, pad), pad)
+                # padding_idx only shapes the weight's gradient, which SampledRowsGrad makes here
+                attrs["padding_idx"] = pad = module.padding_idx
+                rows = (inverse, vals, sel, row, col, int(distinct.numel()), _row_of(distinct, pad))
                 module.padding_idx = None
                 new_args = (inverse, *args[1:])
             elif dense_rows is not None:
                 # the rows with their graph: the embedding's own backward gives their gradient (none for
                 # the padding row, renumbered)
                 eff, distinct, inverse = dense_rows
-                pad = module.padding_idx
-                module.padding_idx = _row_of(distinct, pad)
-                rows = (None, pad)
+                attrs["padding_idx"] = module.padding_idx
+                module.padding_idx = _row_of(distinct, module.padding_idx)
                 new_args = (inverse, *args[1:])
             else:
                 eff = dm.effective(name, step)
@@ -121,27 +122,24 @@ class _Site:
         if inj.recompute and torch.is_grad_enabled() and not _outer_saved_tensor_hooks():
             ctx = _RecomputeSaved(dm, step, effs)
             ctx.__enter__()
-        self.stack.append((saved, ctx, sampled, rows))
+        self.stack.append((saved, ctx, sampled, rows, attrs))
         return new_args
 
     def post(self, module: nn.Module, args, output):
         entry = self.stack.pop() if self.stack else None
         if entry is None:
             return None
-        saved, ctx, sampled, rows = entry
+        saved, ctx, sampled, rows, attrs = entry
         if ctx is not None:
             ctx.__exit__(None, None, None)
         for local, param in saved:
             module._parameters[local] = param
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
         for vals, cand, (crow, col) in sampled:
             output = SampledWeightGrad.apply(output, args[0], vals, cand, crow, col)
-        if rows is not None and rows[0] is None:  # dense rows: their graph is the output's
-            module.padding_idx = rows[1]
-            return output if sampled else None
         if rows is not None:
-            inverse, vals, sel, row, col, n_rows, skip, pad = rows
-            module.padding_idx = pad
-            output = SampledRowsGrad.apply(output, inverse, vals, sel, row, col, n_rows, skip)
+            output = SampledRowsGrad.apply(output, *rows)
         return output if sampled or rows is not None else None
 
     def remove(self) -> None:
