@@ -36,7 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; its exit status. A process of a multi-process launch (torchrun) ends here, through
+    `diffprune.training.distributed.end_process` (see there: torch's teardown of a used gloo group can abort
+    a finished run)."""
+    code = _run(build_parser().parse_args(argv))
+    from .training.distributed import end_process, launched_processes
+
+    if launched_processes() > 1:
+        end_process(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.run(args) or 0)
     except (DiffPruneError, FileNotFoundError) as e:

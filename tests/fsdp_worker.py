@@ -53,6 +53,9 @@ def main() -> None:
 
         checkpoints.write_checkpoint = write_then_stop
     train(TrainConfig(**spec))
+    from diffprune.training.distributed import end_process
+
+    end_process(0)  # as `diffprune train` ends a launched process (see end_process)
 
 
 if __name__ == "__main__":
