@@ -8,7 +8,10 @@ the uniform noise from the seed used in forward and folds the penalty's gradient
 gradient, so the only full-size tensors it allocates are its output (which the model needs as its
 weight anyway) and the two gradients: no noise, gate, slope or product tensors are kept or
 materialised, and the penalty costs no separate full-size pass or gradient tensor. `GatedSegments` does
-the same for many tensors' candidate entries at once (the candidate L0 stage, one pass a step).
+the same for many tensors' candidate entries at once (the candidate L0 stage, one pass a step), and
+`GatedRows` for an embedding's looked-up rows (the dense L0 stage on CPU). The three differ only in which
+entries they visit and where the noise comes from: the formulas on a block of entries (the sample s, the
+delta, dL/dw, the gates' and the penalty's parts of dL/dalpha) are written once, in the helpers below.
 """
 
 from __future__ import annotations
@@ -42,14 +45,70 @@ def _uniform(shape, seed: int, device, dtype) -> torch.Tensor:
     return Noise(seed, device).uniform_(torch.empty(shape, device=device, dtype=dtype)).clamp_(_EPS, 1.0 - _EPS)
 
 
-def _concrete(alpha: torch.Tensor, l: float, r: float, seed: int) -> torch.Tensor:
-    """s = sigmoid(logit(u) + alpha) for the noise of `seed`, computed in one buffer."""
-    u = _uniform(alpha.shape, seed, alpha.device, alpha.dtype)
-    return u.logit_().add_(alpha).sigmoid_()
+# ---- the gate formulas, one home: every autograd Function below runs these on blocks of entries ----
+def _concrete_(u: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """u (uniform noise) <- s = sigmoid(logit(u) + alpha), in place."""
+    return u.logit_(_EPS).add_(alpha).sigmoid_()
 
 
 def _stretch_clamp_(s: torch.Tensor, l: float, r: float) -> torch.Tensor:
+    """s <- z = clamp(s (r - l) + l, 0, 1), in place."""
     return s.mul_(r - l).add_(l).clamp_(0.0, 1.0)
+
+
+def _open_range(l: float, r: float) -> tuple[float, float]:
+    """(lo, hi): 0 < z < 1 exactly where lo < s < hi; there dz/dalpha = (r - l) s (1 - s), elsewhere 0."""
+    return -l / (r - l), (1.0 - l) / (r - l)
+
+
+def _slope(s: torch.Tensor, l: float, r: float) -> torch.Tensor:
+    """dz/dalpha for the concrete sample s (a new tensor)."""
+    lo, hi = _open_range(l, r)
+    return (1 - s).mul_(s).mul_(r - l).mul_((s > lo) & (s < hi))
+
+
+def _delta_(s: torch.Tensor, w: torch.Tensor, z_g, l: float, r: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """z * z_g * w for the concrete sample s, into `out` (s kept) or in place of s; `z_g` the group gate
+    (0-dim or per entry) or None."""
+    d = s.mul_(r - l) if out is None else torch.mul(s, r - l, out=out)
+    d.add_(l).clamp_(0.0, 1.0).mul_(w)
+    return d if z_g is None else d.mul_(z_g)
+
+
+# The backward of a block of gates, from its concrete sample s, the upstream gradient g (of theta + delta)
+# and the values w, all in the compute dtype; z_g the group gate (0-dim or per entry) or None.
+def _grad_gz(s: torch.Tensor, g: torch.Tensor, l: float, r: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """g * z: dL/dw is g * z * z_g, and dL/dz_g is sum(g * z * w)."""
+    return torch.mul(s, r - l, out=out).add_(l).clamp_(0.0, 1.0).mul_(g)
+
+
+def _grad_alpha_gates(s: torch.Tensor, g: torch.Tensor, w: torch.Tensor, z_g, l: float, r: float,
+                      scratch: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The gates' part of dL/dalpha: g * w * z_g * dz/dalpha (into `out` when given)."""
+    scale = r - l if z_g is None else z_g * (r - l)
+    t = torch.addcmul(s, s, s, value=-1.0, out=scratch).mul_(g).mul_(w).mul_(scale)
+    lo, hi = _open_range(l, r)
+    if out is None:
+        return torch.ops.aten.hardtanh_backward(t, s, lo, hi)
+    return torch.ops.aten.hardtanh_backward.grad_input(t, s, lo, hi, grad_input=out)
+
+
+def _prob_nonzero_into_(buf: torch.Tensor, alpha: torch.Tensor, c: float) -> torch.Tensor:
+    """buf <- P(z != 0) = sigmoid(alpha - c)."""
+    if c == 0.0:
+        return torch.sigmoid(alpha, out=buf)
+    return torch.sub(alpha, c, out=buf).sigmoid_()
+
+
+def _add_penalty_grad_(ga: torch.Tensor, alpha: torch.Tensor, c: float, weight, buf: torch.Tensor) -> torch.Tensor:
+    """ga += weight * d/dalpha of sum_i sigmoid(alpha_i - c) = weight * p (1 - p); `buf`: scratch for p."""
+    p = _prob_nonzero_into_(buf, alpha, c)
+    return ga.addcmul_(torch.addcmul(p, p, p, value=-1.0, out=p), weight)
+
+
+def _concrete(alpha: torch.Tensor, l: float, r: float, seed: int) -> torch.Tensor:
+    """s = sigmoid(logit(u) + alpha) for the noise of `seed`, computed in one buffer."""
+    return _concrete_(Noise(seed, alpha.device).uniform_(torch.empty_like(alpha)), alpha)
 
 
 def sample_gate(alpha: torch.Tensor, l: float, r: float, seed: int) -> torch.Tensor:
@@ -60,9 +119,7 @@ def sample_gate(alpha: torch.Tensor, l: float, r: float, seed: int) -> torch.Ten
 def _gate_and_slope(alpha, l, r, seed):
     """z and dz/dalpha for the noise of `seed`."""
     s = _concrete(alpha, l, r, seed)
-    # 0 < s (r - l) + l < 1  <=>  lo < s < hi; there dz/dalpha = (r - l) s (1 - s), elsewhere 0.
-    lo, hi = -l / (r - l), (1.0 - l) / (r - l)
-    slope = (1 - s).mul_(s).mul_(r - l).mul_((s > lo) & (s < hi))
+    slope = _slope(s, l, r)
     return _stretch_clamp_(s, l, r), slope
 
 
@@ -88,14 +145,7 @@ def compute_dtype(w: torch.Tensor) -> torch.dtype:
 
 def _concrete_into_(buf: torch.Tensor, alpha: torch.Tensor, gen: Noise) -> torch.Tensor:
     """buf <- s = sigmoid(logit(u) + alpha), u drawn from `gen` (bit-identical to `_concrete`)."""
-    return gen.uniform_(buf).logit_(_EPS).add_(alpha).sigmoid_()
-
-
-def _prob_nonzero_into_(buf: torch.Tensor, alpha: torch.Tensor, c: float) -> torch.Tensor:
-    """buf <- sigmoid(alpha - c)."""
-    if c == 0.0:
-        return torch.sigmoid(alpha, out=buf)
-    return torch.sub(alpha, c, out=buf).sigmoid_()
+    return _concrete_(gen.uniform_(buf), alpha)
 
 
 class ConcreteCache:
@@ -157,12 +207,9 @@ class GatedDiff(torch.autograd.Function):
             a = af[i:j]
             d = of[i:j] if same else tmp[: j - i]
             if keep is None:
-                _stretch_clamp_(_concrete_into_(d, a, gen), l, r)
+                _delta_(_concrete_into_(d, a, gen), wf[i:j], z_g, l, r)
             else:  # s kept for the backward that follows this recompute
-                torch.mul(_concrete_into_(keep[i:j], a, gen), r - l, out=d).add_(l).clamp_(0.0, 1.0)
-            d.mul_(wf[i:j])
-            if z_g is not None:
-                d.mul_(z_g)
+                _delta_(_concrete_into_(keep[i:j], a, gen), wf[i:j], z_g, l, r, out=d)
             if same:
                 d.add_(tf[i:j])  # == theta + delta
             else:
@@ -206,13 +253,11 @@ class GatedDiff(torch.autograd.Function):
             g = grad_out.to(cdt).contiguous().view(-1)
             s_buf = torch.empty(bs, dtype=cdt, device=device)
             z_buf = torch.empty(bs, dtype=cdt, device=device)
-            lo, hi = -l / (r - l), (1.0 - l) / (r - l)
             if alpha_group is not None:
                 z_g, slope_g = _gate_and_slope(alpha_group, l, r, seed + 1_000_003)
-                scale = z_g * (r - l)
                 gzw = torch.empty(-(-n // bs), dtype=cdt, device=device) if need_group else None
             else:
-                z_g, scale, gzw = None, r - l, None
+                z_g, gzw = None, None
         gwf = grad_w.view(-1) if grad_w is not None else None
         gaf = grad_alpha.view(-1) if grad_alpha is not None else None
         for k, i in enumerate(range(0, n, bs)):
@@ -222,8 +267,7 @@ class GatedDiff(torch.autograd.Function):
             if gates_part:
                 gb, wb = g[i:j], wf[i:j]
                 s = _concrete_into_(s_buf[:m], ab, gen) if kept is None else kept[i:j]
-                # g * z: dL/dw (times z_g); sum(g * z * w): dL/dz_g
-                gz = torch.mul(s, r - l, out=z_buf[:m]).add_(l).clamp_(0.0, 1.0).mul_(gb)
+                gz = _grad_gz(s, gb, l, r, out=z_buf[:m])
                 if gzw is not None:
                     gzw[k] = torch.dot(gz, wb if wb.dtype == cdt else wb.to(cdt))
                 if need_w:
@@ -232,13 +276,9 @@ class GatedDiff(torch.autograd.Function):
                     else:
                         gwf[i:j].copy_(gz)
                 if need_alpha:
-                    # dz/dalpha = (r - l) s (1 - s) where 0 < z < 1 (lo < s < hi), else 0
-                    t = torch.addcmul(s, s, s, value=-1.0, out=scratch[:m]).mul_(gb).mul_(wb).mul_(scale)
-                    torch.ops.aten.hardtanh_backward.grad_input(t, s, lo, hi, grad_input=gaf[i:j])
+                    _grad_alpha_gates(s, gb, wb, z_g, l, r, scratch=scratch[:m], out=gaf[i:j])
             if l0_part:
-                # d/dalpha of sum_i sigmoid(alpha_i - c) = p (1 - p)
-                p = _prob_nonzero_into_(scratch[:m], ab, c)
-                gaf[i:j].addcmul_(torch.addcmul(p, p, p, value=-1.0, out=p), grad_expected)
+                _add_penalty_grad_(gaf[i:j], ab, c, grad_expected, scratch[:m])
         if gates_part and gzw is not None:
             grad_group = gzw.sum() * slope_g
         return None, grad_w, grad_alpha, grad_group, None, None, None, None, None, None
@@ -357,11 +397,10 @@ def _group_gates(groups: list[torch.Tensor], seeds: list[int], l: float, r: floa
     u = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     for i, seed in enumerate(seeds):
         Noise(seed + 1_000_003, a.device).uniform_(u[i:i + 1])
-    s = u.clamp_(_EPS, 1.0 - _EPS).logit_().add_(a).sigmoid_()
+    s = _concrete_(u, a)
     if not slope:
         return _stretch_clamp_(s, l, r)
-    lo, hi = -l / (r - l), (1.0 - l) / (r - l)
-    d = (1 - s).mul_(s).mul_(r - l).mul_((s > lo) & (s < hi))
+    d = _slope(s, l, r)
     return _stretch_clamp_(s, l, r), d
 
 
@@ -398,9 +437,8 @@ class GatedSegments(torch.autograd.Function):
         for i, m, pieces, counts, segs in _segment_blocks(sizes, bs, device):
             s = _uniform_pieces_(buf[:m], noises, pieces)
             ab = _joined(alphas, pieces)
-            d = _stretch_clamp_(s.logit_(_EPS).add_(ab).sigmoid_(), l, r).mul_(_joined(ws, pieces))
-            if z_g is not None:
-                d.mul_(torch.repeat_interleave(z_g.index_select(0, segs), counts))
+            zg = torch.repeat_interleave(z_g.index_select(0, segs), counts) if z_g is not None else None
+            d = _delta_(_concrete_(s, ab), _joined(ws, pieces), zg, l, r)
             o = out[i:i + m]
             o.add_(d if o.dtype == cdt else d.to(o.dtype))  # == theta + delta
             if with_l0:
@@ -425,7 +463,6 @@ class GatedSegments(torch.autograd.Function):
         grad_w = [torch.empty_like(w) for w in ws] if grad_out is not None else None
         grad_a = [(torch.empty_like if grad_out is not None else torch.zeros_like)(a) for a in alphas]
         grad_g = None
-        lo, hi = -l / (r - l), (1.0 - l) / (r - l)
         c_l0 = log_ratio(l, r)
         if groups is not None and grad_out is not None:
             z_g, slope_g = _group_gates(groups, seeds, l, r, slope=True)
@@ -442,23 +479,19 @@ class GatedSegments(torch.autograd.Function):
             seg_ids = torch.repeat_interleave(segs, counts) if (z_g is not None or grad_sums is not None) else None
             ga = torch.zeros(m, dtype=cdt, device=device)
             if g is not None:
-                s = _uniform_pieces_(s_buf[:m], noises, pieces).logit_(_EPS).add_(ab).sigmoid_()
+                s = _concrete_(_uniform_pieces_(s_buf[:m], noises, pieces), ab)
                 gb, wb = g[i:i + m], _joined(ws, pieces)
                 wb = wb if wb.dtype == cdt else wb.to(cdt)
-                gz = torch.mul(s, r - l).add_(l).clamp_(0.0, 1.0).mul_(gb)  # dL/dw before the group gate
-                scale = r - l
-                if z_g is not None:
-                    zg = z_g.index_select(0, seg_ids)
+                gz = _grad_gz(s, gb, l, r)  # dL/dw before the group gate
+                zg = z_g.index_select(0, seg_ids) if z_g is not None else None
+                if zg is not None:
                     gzw.index_add_(0, seg_ids, gz * wb)
-                    scale = zg.mul(r - l)
-                t = torch.addcmul(s, s, s, value=-1.0, out=t_buf[:m]).mul_(gb).mul_(wb).mul_(scale)
-                torch.ops.aten.hardtanh_backward.grad_input(t, s, lo, hi, grad_input=ga)
-                if z_g is not None:
+                _grad_alpha_gates(s, gb, wb, zg, l, r, scratch=t_buf[:m], out=ga)
+                if zg is not None:
                     gz.mul_(zg)
                 torch._foreach_copy_([grad_w[kk].view(-1)[a:b] for kk, a, b in pieces], list(gz.split(counts.tolist())))
             if grad_sums is not None:
-                p = _prob_nonzero_into_(torch.empty(m, dtype=cdt, device=device), ab, c_l0)
-                ga.addcmul_(torch.addcmul(p, p, p, value=-1.0), grad_sums.to(cdt).index_select(0, seg_ids))
+                _add_penalty_grad_(ga, ab, c_l0, grad_sums.to(cdt).index_select(0, seg_ids), t_buf[:m])
             torch._foreach_copy_([grad_a[kk].view(-1)[a:b] for kk, a, b in pieces], list(ga.split(counts.tolist())))
         if gzw is not None:
             grad_g = list((gzw * slope_g).to(groups[0].dtype).unbind(0))
@@ -504,10 +537,8 @@ class GatedRows(torch.autograd.Function):
         cdt, dim, device = compute_dtype(w), w.shape[1], w.device
         z_g = sample_gate(alpha_group, l, r, seed + 1_000_003) if alpha_group is not None else None
         row_list = rows.tolist()
-        s = _row_uniforms(row_list, dim, seed, device, cdt).logit_(_EPS).add_(alpha.index_select(0, rows)).sigmoid_()
-        d = _stretch_clamp_(s, l, r).mul_(w.index_select(0, rows))
-        if z_g is not None:
-            d.mul_(z_g)
+        s = _concrete_(_row_uniforms(row_list, dim, seed, device, cdt), alpha.index_select(0, rows))
+        d = _delta_(s, w.index_select(0, rows), z_g, l, r)
         out = d.add_(theta_rows) if theta_rows.dtype == cdt else d.to(theta_rows.dtype).add_(theta_rows)
         expected = torch.zeros((), dtype=cdt, device=device)
         if with_l0:
@@ -536,22 +567,18 @@ class GatedRows(torch.autograd.Function):
             bs = _block_size(af.numel(), device)
             buf = torch.empty(bs, dtype=cdt, device=device)
             for i in range(0, af.numel(), bs):
-                p = _prob_nonzero_into_(buf[: min(bs, af.numel() - i)], af[i:i + bs], c)
-                gaf[i:i + bs] = torch.addcmul(p, p, p, value=-1.0).mul_(grad_expected)
+                _add_penalty_grad_(gaf[i:i + bs], af[i:i + bs], c, grad_expected, buf[: min(bs, af.numel() - i)])
         if grad_out is not None:
             g = grad_out.to(cdt)
-            s = _row_uniforms(ctx.rows, dim, seed, device, cdt).logit_(_EPS).add_(alpha.index_select(0, rows)).sigmoid_()
+            s = _concrete_(_row_uniforms(ctx.rows, dim, seed, device, cdt), alpha.index_select(0, rows))
             wb = w.index_select(0, rows).to(cdt)
-            gz = torch.mul(s, r - l).add_(l).clamp_(0.0, 1.0).mul_(g)
-            scale = r - l
+            gz = _grad_gz(s, g, l, r)
+            z_g = None
             if alpha_group is not None:
                 z_g, slope_g = _gate_and_slope(alpha_group, l, r, seed + 1_000_003)
                 grad_group = torch.dot(gz.reshape(-1), wb.reshape(-1)) * slope_g
-                scale = z_g * (r - l)
                 gz.mul_(z_g)
             grad_w.index_copy_(0, rows, gz.to(w.dtype))
-            lo, hi = -l / (r - l), (1.0 - l) / (r - l)
-            t = torch.addcmul(s, s, s, value=-1.0).mul_(g).mul_(wb).mul_(scale)
-            gate = torch.ops.aten.hardtanh_backward(t, s, lo, hi)
+            gate = _grad_alpha_gates(s, g, wb, z_g, l, r)
             grad_alpha.index_copy_(0, rows, (grad_alpha.index_select(0, rows).to(cdt) + gate).to(alpha.dtype))
         return None, grad_w, grad_alpha, grad_group, None, None, None, None, None
