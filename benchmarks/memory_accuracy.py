@@ -224,9 +224,68 @@ def write_report(records: list[dict], out_dir: Path, command: str) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"configs": {c: {"title": t, "settings": s} for c, (t, s) in {**CONFIGS, **SUPERSEDED}.items()},
                "averages": {c: _avg(table.get(c, {})) for c, _ in rows}, "records": records}
+    if plot_candidates(table, out_dir / PLOT):
+        text += (f"\n![score against the candidate fraction c]({PLOT})\n\n`{PLOT}`: each task's score (seed 0) "
+                 "against c for the candidate L0 series, with dense L0 (published) and `--memory lean` as lines.\n")
     atomic_write_text(out_dir / "memory_accuracy.json", json.dumps(payload, indent=2) + "\n")
     atomic_write_text(out_dir / "memory_accuracy.md", text)
     return text
+
+
+PLOT = "memory_accuracy_candidates.png"
+# the candidate-fraction series of the plot: (label, {c: configuration})
+C_SERIES = (("candidate L0, w lr 5e-4", {0.02: "c0.02_lr5e-4", 0.05: "c0.05_lr5e-4", 0.10: "c0.10_lr5e-4"}),
+            ("candidate L0, w lr 1e-4", {0.02: "c0.02", 0.05: "c0.05", 0.10: "c0.10"}))
+C_LINES = (("dense L0 (published)", "dense_published", "black"), ("dense L0, --memory lean", "lean", "tab:gray"))
+
+
+def c_points(table: dict, configs: dict, task: str) -> list[tuple[float, float]]:
+    """(c, seed-0 score) of one candidate series on `task`, for each c measured there."""
+    return [(c, table[cfg][task][0]) for c, cfg in sorted(configs.items()) if 0 in table.get(cfg, {}).get(task, {})]
+
+
+def plot_candidates(table: dict, path: Path) -> bool:
+    """Each task's seed-0 score against the candidate fraction c (one line per series, a point per
+    measured c), beside dense L0's as horizontal lines: where a picture says more than the table's
+    scattered cells which c is best. False (nothing written) when no series has two measured c."""
+    def points(configs: dict, task: str) -> list[tuple[float, float]]:
+        return c_points(table, configs, task)
+
+    if not any(len(points(configs, t)) >= 2 for _, configs in C_SERIES for t in TASKS):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(3.1 * len(TASKS), 3.4))
+    for ax, task in zip(axes, TASKS):
+        for (label, configs), marker in zip(C_SERIES, ("o", "s")):
+            pts = points(configs, task)
+            if pts:
+                ax.plot([100 * c for c, _ in pts], [v for _, v in pts], marker=marker, label=label)
+        for label, cfg, color in C_LINES:
+            if 0 in table.get(cfg, {}).get(task, {}):
+                ax.axhline(table[cfg][task][0], color=color, linestyle="--", linewidth=1, label=label)
+        ax.set_xscale("log")
+        ax.set_xlim(1.6, 12.5)
+        ax.set_xticks([2, 5, 10], ["2%", "5%", "10%"])
+        ax.minorticks_off()
+        ax.set_title(task)
+        ax.set_xlabel("candidates c")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("validation score (seed 0)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.suptitle("Candidate L0 at 0.5% against the candidate fraction c (all-MiniLM-L6-v2, GLUE validation)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
 
 
 def main(argv=None) -> int:

@@ -95,3 +95,36 @@ def test_cells_trained_on_a_gpu_are_marked_and_every_machine_is_listed(tmp_path)
     assert "- machine (2 cells): {'cores': 16, 'cpu': 'Xeon', 'gpu': 'NVIDIA H100 80GB HBM3'}" in text
     assert "- machine (1 cells): {'cores': 2, 'cpu': 'AMD EPYC'}" in text
     assert "cells marked ᴳ ran on the GPU" in text
+
+
+def test_the_report_plots_score_against_the_candidate_fraction_once_two_are_measured(tmp_path):
+    import memory_accuracy
+
+    results = tmp_path / "results"
+    results.mkdir()
+
+    def record(config, task, score):
+        return {"config": config, "task": task, "method": "structured", "seed": 0, "score": score,
+                "metrics": {"accuracy": score / 100}, "stages": {"final": score}, "train_seconds": 60.0,
+                "settings": {}, "date": "2026-12-07 09:00 UTC", "machine": {}, "versions": {}, "nnz": 1,
+                "stored_bytes": 1}
+
+    def report(records, work):  # (a work dir of its own: the records are restored into it)
+        (results / "memory_accuracy.json").write_text(json.dumps({"records": records}))
+        assert memory_accuracy.main(["report", "--work-dir", str(work), "--results-dir", str(results)]) == 0
+        return (results / "memory_accuracy.md").read_text()
+
+    png = results / memory_accuracy.PLOT
+    # one c per series: nothing to draw
+    text = report([record("c0.05_lr5e-4", "rte", 59.2), record("c0.05", "cola", 25.7)], tmp_path / "one")
+    assert not png.exists() and memory_accuracy.PLOT not in text
+    # two c of one series on one task: drawn, linked, and its points are the table's cells
+    recs = [record("c0.05_lr5e-4", "rte", 59.2), record("c0.10_lr5e-4", "rte", 55.2), record("c0.02_lr5e-4", "cola", 28.1)]
+    text = report(recs, tmp_path / "two")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({memory_accuracy.PLOT})" in text
+    table = {}
+    for r in recs:
+        table.setdefault(r["config"], {}).setdefault(r["task"], {})[0] = r["score"]
+    series = dict(memory_accuracy.C_SERIES)["candidate L0, w lr 5e-4"]
+    assert memory_accuracy.c_points(table, series, "rte") == [(0.05, 59.2), (0.10, 55.2)]
+    assert memory_accuracy.c_points(table, series, "cola") == [(0.02, 28.1)]
