@@ -248,10 +248,7 @@ def plot_candidates(table: dict, path: Path) -> bool:
     """Each task's seed-0 score against the candidate fraction c (one line per series, a point per
     measured c), beside dense L0's as horizontal lines: where a picture says more than the table's
     scattered cells which c is best. False (nothing written) when no series has two measured c."""
-    def points(configs: dict, task: str) -> list[tuple[float, float]]:
-        return c_points(table, configs, task)
-
-    if not any(len(points(configs, t)) >= 2 for _, configs in C_SERIES for t in TASKS):
+    if not any(len(c_points(table, configs, t)) >= 2 for _, configs in C_SERIES for t in TASKS):
         return False
     import matplotlib
 
@@ -261,7 +258,7 @@ def plot_candidates(table: dict, path: Path) -> bool:
     fig, axes = plt.subplots(1, len(TASKS), figsize=(3.1 * len(TASKS), 3.4))
     for ax, task in zip(axes, TASKS):
         for (label, configs), marker in zip(C_SERIES, ("o", "s")):
-            pts = points(configs, task)
+            pts = c_points(table, configs, task)
             if pts:
                 ax.plot([100 * c for c, _ in pts], [v for _, v in pts], marker=marker, label=label)
         for label, cfg, color in C_LINES:

@@ -108,7 +108,7 @@ def _add_penalty_grad_(ga: torch.Tensor, alpha: torch.Tensor, c: float, weight, 
 
 def _concrete(alpha: torch.Tensor, l: float, r: float, seed: int) -> torch.Tensor:
     """s = sigmoid(logit(u) + alpha) for the noise of `seed`, computed in one buffer."""
-    return _concrete_(Noise(seed, alpha.device).uniform_(torch.empty_like(alpha)), alpha)
+    return _concrete_(_uniform(alpha.shape, seed, alpha.device, alpha.dtype), alpha)
 
 
 def sample_gate(alpha: torch.Tensor, l: float, r: float, seed: int) -> torch.Tensor:

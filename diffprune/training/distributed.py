@@ -69,9 +69,9 @@ def end_process(code: int) -> NoReturn:
     (DTensor's caches hold its device mesh, and with those cleared the functional collectives' C++ side still
     holds the group) -- and tearing the interpreter down around them aborts the process ("terminate called
     without an active exception", SIGABRT) in some runs, after all the work is done; torchrun then reports
-    the run as failed. Measured on this 2-core CPU: the FSDP test's
-    two-rank run aborted once in 5 and then not in 72 runs; a 10-line DTensor script whose two ranks end
-    1-10 ms apart aborted in 6 of 24 runs, and in none of 40 when it ended through here."""
+    the run as failed. Measured on this 2-core CPU: the FSDP test's two-rank run aborted once in 5 and then
+    not in 72 runs; a 10-line DTensor script whose two ranks end 1-10 ms apart aborted in 6 of 24 runs, and
+    in none of 40 when it ended through here."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
