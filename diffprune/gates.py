@@ -100,6 +100,12 @@ def _prob_nonzero_into_(buf: torch.Tensor, alpha: torch.Tensor, c: float) -> tor
     return torch.sub(alpha, c, out=buf).sigmoid_()
 
 
+def _prob_sum(fused, buf: torch.Tensor, alpha: torch.Tensor, c: float) -> torch.Tensor:
+    """sum of P(z != 0) over a block of logits: by the compiled kernel when there is one that runs."""
+    total = fused.prob_sum(alpha) if fused is not None else None
+    return total if total is not None else _prob_nonzero_into_(buf, alpha, c).sum()
+
+
 def _add_penalty_grad_(ga: torch.Tensor, alpha: torch.Tensor, c: float, weight, buf: torch.Tensor) -> torch.Tensor:
     """ga += weight * d/dalpha of sum_i sigmoid(alpha_i - c) = weight * p (1 - p); `buf`: scratch for p."""
     p = _prob_nonzero_into_(buf, alpha, c)
@@ -121,6 +127,114 @@ def _gate_and_slope(alpha, l, r, seed):
     s = _concrete(alpha, l, r, seed)
     slope = _slope(s, l, r)
     return _stretch_clamp_(s, l, r), slope
+
+
+# ---- the same block arithmetic fused: one compiled pass instead of a dozen (`FusedGates`) ----------
+# With e = exp(-alpha): s = sigmoid(logit(u) + alpha) = u / (u + (1 - u) e) and P(z != 0) = sigmoid(alpha - c)
+# = 1 / (1 + (-l / r) e), so one exp per entry serves the sample and the penalty where the eager passes
+# take a log and two exps (on this CPU the transcendentals are most of an in-cache pass's cost).
+class FusedGates:
+    """The dense gates' block arithmetic as `torch.compile`d kernels (`--compile-gates`): a block's
+    sample, delta, theta + delta and penalty sum in one pass forward, its dL/dw, dL/dalpha (gates and
+    penalty) and group-gate sum in one pass backward. Values equal the eager helpers' up to float
+    rounding (a few ulps: tested), not bit for bit. Only tensors of at least `min_entries` entries take
+    them (a bias or LayerNorm vector is not worth a kernel call). The first call of each dtype
+    combination compiles (seconds; inductor caches it on disk) and loads torch's compiler stack into the
+    process (about 190 MB of host memory on this CPU, measured); a kernel that fails to compile is
+    reported once and the eager passes run instead."""
+
+    min_entries = 1 << 16
+
+    def __init__(self, l: float, r: float):
+        lo, hi = _open_range(l, r)
+        ec = -l / r  # exp(log_ratio(l, r))
+
+        def sample(u, e):
+            x = u.clamp(_EPS, 1.0 - _EPS)
+            return x / (x + (1.0 - x) * e)
+
+        def forward(u, alpha, w, theta, z_g, out, s_out):
+            e = torch.exp(-alpha.to(u.dtype))
+            s = sample(u, e)
+            if s_out is not None:
+                s_out.copy_(s)
+            out.copy_(theta.to(u.dtype) + (s * (r - l) + l).clamp(0.0, 1.0) * w.to(u.dtype) * z_g)
+            return (1.0 / (1.0 + ec * e)).sum()
+
+        def backward(x, from_noise: bool, alpha, g, w, z_g, pen, grad_w, grad_alpha):
+            e = torch.exp(-alpha.to(x.dtype))
+            s = sample(x, e) if from_noise else x
+            g, w = g.to(x.dtype), w.to(x.dtype)
+            gz = (s * (r - l) + l).clamp(0.0, 1.0) * g
+            grad_w.copy_(gz * z_g)
+            from_gates = torch.where((s > lo) & (s < hi), g * w * (z_g * (r - l)) * (s - s * s), 0.0)
+            p = 1.0 / (1.0 + ec * e)
+            grad_alpha.copy_(from_gates + pen * (p - p * p))
+            return (gz * w).sum()
+
+        def prob_sum(alpha):
+            return (1.0 / (1.0 + ec * torch.exp(-alpha.float()))).sum()
+
+        def penalty_grad(alpha, pen, grad_alpha):
+            p = 1.0 / (1.0 + ec * torch.exp(-alpha.float()))
+            grad_alpha.copy_(pen * (p - p * p))
+
+        self._kernels = {name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in
+                         (("forward", forward), ("backward", backward), ("prob_sum", prob_sum),
+                          ("penalty_grad", penalty_grad))}
+        self.error: str | None = None
+
+    def usable(self, n: int) -> bool:
+        return self.error is None and n >= self.min_entries
+
+    def _run(self, name: str, *args):
+        """The kernel's result, or None (outputs untouched) when it cannot compile or run here."""
+        if self.error is not None:
+            return None
+        # detached: a block is a view of a larger tensor, and torch.compile would guard on (and recompile
+        # for) the sizes of each view's base; a detached tensor shares the storage without being a view
+        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        try:
+            with torch.no_grad():
+                out = self._kernels[name](*args)
+            return True if out is None else out
+        except Exception as exc:  # a missing compiler, an unsupported backend: the eager passes still work
+            self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            import warnings
+
+            warnings.warn(f"--compile-gates: the fused gate kernels are off for this run ({self.error}); "
+                          "the eager passes give the same values, slower", RuntimeWarning, stacklevel=3)
+            return None
+
+    def forward(self, u, alpha, w, theta, z_g, out, s_out):
+        """out <- theta + z * z_g * w for the uniforms u (s_out <- the sample s, when given); the block's
+        sum of P(z != 0). z_g: a 0-dim tensor."""
+        return self._run("forward", u, alpha, w, theta, z_g, out, s_out)
+
+    def backward(self, x, from_noise: bool, alpha, g, w, z_g, pen, grad_w, grad_alpha):
+        """grad_w, grad_alpha <- the block's dL/dw and dL/dalpha (pen: the penalty's weight, 0-dim) from the
+        upstream gradient g and the sample s = x (or the uniforms x, `from_noise`); returns sum(g * z * w)."""
+        return self._run("backward", x, from_noise, alpha, g, w, z_g, pen, grad_w, grad_alpha)
+
+    def prob_sum(self, alpha):
+        """sum of P(z != 0) over a block of logits."""
+        return self._run("prob_sum", alpha)
+
+    def penalty_grad(self, alpha, pen, grad_alpha):
+        """grad_alpha <- pen * d/dalpha of sigmoid(alpha - c)."""
+        return self._run("penalty_grad", alpha, pen, grad_alpha)
+
+
+_FUSED: dict[tuple[float, float], FusedGates] = {}
+
+
+def fused_gates(l: float, r: float) -> FusedGates:
+    """The compiled kernels of the stretch (l, r), one set per process: models built one after another
+    share them (each new set would compile again, and torch.compile stops compiling a function after a
+    few variants)."""
+    if (l, r) not in _FUSED:
+        _FUSED[(l, r)] = FusedGates(l, r)
+    return _FUSED[(l, r)]
 
 
 # The elementwise work runs block by block over the flattened tensors. On CPU a block (2^17
@@ -188,7 +302,7 @@ class GatedDiff(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, theta, w, alpha, alpha_group, seed: int, l: float, r: float, with_l0: bool = False,
-                cache: ConcreteCache | None = None, fill: bool = False):
+                cache: ConcreteCache | None = None, fill: bool = False, fused: FusedGates | None = None):
         device, n = w.device, w.numel()
         z_g = sample_gate(alpha_group, l, r, seed + 1_000_003) if alpha_group is not None else None
         cdt = compute_dtype(w)
@@ -202,11 +316,25 @@ class GatedDiff(torch.autograd.Function):
         c = log_ratio(l, r)
         gen = Noise(seed, device)
         keep = torch.empty(n, dtype=cdt, device=device) if fill and cache is not None and n <= cache.max_entries else None
+        if fused is not None and fused.usable(n):
+            u_buf = torch.empty(bs, dtype=cdt, device=device)
+            zg_t = z_g.to(cdt) if z_g is not None else torch.ones((), dtype=cdt, device=device)
+        else:
+            fused = None
         for k, i in enumerate(range(0, n, bs)):
             j = min(i + bs, n)
             a = af[i:j]
             d = of[i:j] if same else tmp[: j - i]
-            if keep is None:
+            if fused is not None:  # one compiled pass; its uniforms stay in u_buf if it cannot run
+                u = gen.uniform_(u_buf[: j - i])
+                total = fused.forward(u, a, wf[i:j], tf[i:j], zg_t, of[i:j], None if keep is None else keep[i:j])
+                if total is not None:
+                    if with_l0:
+                        sums[k] = total
+                    continue
+                _delta_(_concrete_((d if keep is None else keep[i:j]).copy_(u), a), wf[i:j], z_g, l, r,
+                        out=None if keep is None else d)
+            elif keep is None:
                 _delta_(_concrete_into_(d, a, gen), wf[i:j], z_g, l, r)
             else:  # s kept for the backward that follows this recompute
                 _delta_(_concrete_into_(keep[i:j], a, gen), wf[i:j], z_g, l, r, out=d)
@@ -219,7 +347,7 @@ class GatedDiff(torch.autograd.Function):
         if keep is not None:
             cache.put((seed, n), keep)
         ctx.save_for_backward(w, alpha, alpha_group)
-        ctx.seed, ctx.l, ctx.r, ctx.cache = seed, l, r, cache
+        ctx.seed, ctx.l, ctx.r, ctx.cache, ctx.fused = seed, l, r, cache, fused
         ctx.set_materialize_grads(False)
         expected = sums.sum() if with_l0 else torch.zeros((), dtype=cdt, device=device)
         if not with_l0:
@@ -233,7 +361,7 @@ class GatedDiff(torch.autograd.Function):
         device, n = w.device, w.numel()
         need_w, need_alpha, need_group = ctx.needs_input_grad[1:4]
         if grad_out is None and grad_expected is None:
-            return (None,) * 10
+            return (None,) * 11
         dense = grad_out is not None  # then every block of grad_w and grad_alpha is written below
         grad_w = torch.empty_like(w, memory_format=torch.contiguous_format) if need_w and dense else None
         grad_alpha = None
@@ -260,13 +388,33 @@ class GatedDiff(torch.autograd.Function):
                 z_g, gzw = None, None
         gwf = grad_w.view(-1) if grad_w is not None else None
         gaf = grad_alpha.view(-1) if grad_alpha is not None else None
+        fused = ctx.fused if ctx.fused is not None and ctx.fused.usable(n) and need_w and need_alpha else None
+        if fused is not None:
+            one = torch.ones((), dtype=cdt, device=device)
+            zg_t = z_g.to(cdt) if gates_part and z_g is not None else one
+            pen = grad_expected.to(cdt) if l0_part else torch.zeros((), dtype=cdt, device=device)
         for k, i in enumerate(range(0, n, bs)):
             j = min(i + bs, n)
             m = j - i
             ab = af[i:j]
+            drawn = None
+            if fused is not None:  # one compiled pass (or none: then the eager passes below)
+                if gates_part:
+                    x = kept[i:j] if kept is not None else gen.uniform_(s_buf[:m])
+                    total = fused.backward(x, kept is None, ab, g[i:j], wf[i:j], zg_t, pen, gwf[i:j], gaf[i:j])
+                    if total is not None:
+                        if gzw is not None:
+                            gzw[k] = total
+                        continue
+                    drawn = None if kept is not None else x  # the block's uniforms: the eager passes use them
+                elif l0_part and fused.penalty_grad(ab, pen, gaf[i:j]) is not None:
+                    continue
             if gates_part:
                 gb, wb = g[i:j], wf[i:j]
-                s = _concrete_into_(s_buf[:m], ab, gen) if kept is None else kept[i:j]
+                if kept is not None:
+                    s = kept[i:j]
+                else:
+                    s = _concrete_(drawn, ab) if drawn is not None else _concrete_into_(s_buf[:m], ab, gen)
                 gz = _grad_gz(s, gb, l, r, out=z_buf[:m])
                 if gzw is not None:
                     gzw[k] = torch.dot(gz, wb if wb.dtype == cdt else wb.to(cdt))
@@ -281,14 +429,15 @@ class GatedDiff(torch.autograd.Function):
                 _add_penalty_grad_(gaf[i:j], ab, c, grad_expected, scratch[:m])
         if gates_part and gzw is not None:
             grad_group = gzw.sum() * slope_g
-        return None, grad_w, grad_alpha, grad_group, None, None, None, None, None, None
+        return None, grad_w, grad_alpha, grad_group, None, None, None, None, None, None, None
 
 
 def gated_diff(theta, w, alpha, alpha_group, seed: int, l: float, r: float,
-               cache: ConcreteCache | None = None, fill: bool = False) -> torch.Tensor:
+               cache: ConcreteCache | None = None, fill: bool = False, fused: FusedGates | None = None) -> torch.Tensor:
     """theta + z * z_g * w for the noise of `seed` (see `GatedDiff`); `fill`: keep s in `cache` for the
-    backward of the graph that computed the same sample (a recompute, `ConcreteCache`)."""
-    return GatedDiff.apply(theta, w, alpha, alpha_group, seed, l, r, False, cache, fill)[0]
+    backward of the graph that computed the same sample (a recompute, `ConcreteCache`); `fused`: the
+    compiled kernels to run the blocks with (`FusedGates`)."""
+    return GatedDiff.apply(theta, w, alpha, alpha_group, seed, l, r, False, cache, fill, fused)[0]
 
 
 def with_group_term(total: torch.Tensor, alpha_group, l: float, r: float, group_penalty: str) -> torch.Tensor:
@@ -308,13 +457,13 @@ def with_group_term(total: torch.Tensor, alpha_group, l: float, r: float, group_
 
 
 def gated_diff_and_l0(theta, w, alpha, alpha_group, seed: int, l: float, r: float, group_penalty: str = "expected_l0",
-                      cache: ConcreteCache | None = None):
+                      cache: ConcreteCache | None = None, fused: FusedGates | None = None):
     """(theta + z * z_g * w,  the tensor's penalised gate count), both differentiable, in one pass.
 
     The second value equals `expected_nonzeros(alpha, alpha_group, l, r, group_penalty)` up to
-    float rounding. `cache`: where a recompute of this sample leaves s for the backward.
+    float rounding. `cache`: where a recompute of this sample leaves s for the backward; `fused`: as `gated_diff`.
     """
-    out, total = GatedDiff.apply(theta, w, alpha, alpha_group, seed, l, r, True, cache)
+    out, total = GatedDiff.apply(theta, w, alpha, alpha_group, seed, l, r, True, cache, False, fused)
     return out, with_group_term(total, alpha_group, l, r, group_penalty)
 
 
@@ -533,7 +682,8 @@ class GatedRows(torch.autograd.Function):
     of it. CPU only (the stream skips)."""
 
     @staticmethod
-    def forward(ctx, theta_rows, w, alpha, alpha_group, rows, seed: int, l: float, r: float, with_l0: bool):
+    def forward(ctx, theta_rows, w, alpha, alpha_group, rows, seed: int, l: float, r: float, with_l0: bool,
+                fused: FusedGates | None = None):
         cdt, dim, device = compute_dtype(w), w.shape[1], w.device
         z_g = sample_gate(alpha_group, l, r, seed + 1_000_003) if alpha_group is not None else None
         row_list = rows.tolist()
@@ -545,10 +695,11 @@ class GatedRows(torch.autograd.Function):
             af, c = alpha.reshape(-1), log_ratio(l, r)
             bs = _block_size(af.numel(), device)
             buf = torch.empty(bs, dtype=cdt, device=device)
-            expected = sum(_prob_nonzero_into_(buf[: min(bs, af.numel() - i)], af[i:i + bs], c).sum()
+            fused = fused if fused is not None and fused.usable(af.numel()) else None
+            expected = sum(_prob_sum(fused, buf[: min(bs, af.numel() - i)], af[i:i + bs], c)
                            for i in range(0, af.numel(), bs))
         ctx.save_for_backward(w, alpha, alpha_group, rows)
-        ctx.seed, ctx.l, ctx.r, ctx.rows = seed, l, r, row_list
+        ctx.seed, ctx.l, ctx.r, ctx.rows, ctx.fused = seed, l, r, row_list, fused
         ctx.set_materialize_grads(False)
         if not with_l0:
             ctx.mark_non_differentiable(expected)
@@ -566,8 +717,11 @@ class GatedRows(torch.autograd.Function):
             af, gaf, c = alpha.reshape(-1), grad_alpha.view(-1), log_ratio(l, r)
             bs = _block_size(af.numel(), device)
             buf = torch.empty(bs, dtype=cdt, device=device)
+            fused = ctx.fused if ctx.fused is not None and ctx.fused.usable(af.numel()) else None
+            pen = grad_expected.to(cdt)
             for i in range(0, af.numel(), bs):
-                _add_penalty_grad_(gaf[i:i + bs], af[i:i + bs], c, grad_expected, buf[: min(bs, af.numel() - i)])
+                if fused is None or fused.penalty_grad(af[i:i + bs], pen, gaf[i:i + bs]) is None:
+                    _add_penalty_grad_(gaf[i:i + bs], af[i:i + bs], c, grad_expected, buf[: min(bs, af.numel() - i)])
         if grad_out is not None:
             g = grad_out.to(cdt)
             s = _concrete_(_row_uniforms(ctx.rows, dim, seed, device, cdt), alpha.index_select(0, rows))
@@ -581,4 +735,4 @@ class GatedRows(torch.autograd.Function):
             grad_w.index_copy_(0, rows, gz.to(w.dtype))
             gate = _grad_alpha_gates(s, g, wb, z_g, l, r)
             grad_alpha.index_copy_(0, rows, (grad_alpha.index_select(0, rows).to(cdt) + gate).to(alpha.dtype))
-        return None, grad_w, grad_alpha, grad_group, None, None, None, None, None
+        return None, grad_w, grad_alpha, grad_group, None, None, None, None, None, None

@@ -200,6 +200,7 @@ class DiffMethod(Method):
         # --fsdp: no L0 state yet; `sharding.setup` allocates it once the weights are sharded
         dm = DiffModel(base, config, _allocate=not getattr(cfg, "fsdp", False))
         dm.recompute_weights = opts["recompute_weights"]
+        dm.compile_gates = bool(getattr(cfg, "compile_gates", False)) and self.use_gates
         return dm
 
     def param_groups(self, model, phase, cfg):

@@ -222,6 +222,7 @@ class DiffModel(nn.Module):
         self._wiring_checked = False
         self._injector = layers.Injector(self, model, self.diff_names)
         self._concrete_cache = gates.ConcreteCache()  # a recompute's gate sample, for its backward
+        self._fused_gates = None  # `compile_gates`
         # the candidate L0 stage's gates in one pass per step (False: per tensor, the reference in tests)
         self.batched_gates = True
 
@@ -263,6 +264,17 @@ class DiffModel(nn.Module):
     @recompute_weights.setter
     def recompute_weights(self, value: bool) -> None:
         self._injector.recompute = bool(value)
+
+    @property
+    def compile_gates(self) -> bool:
+        """Run the dense L0 stage's gate arithmetic as compiled kernels (`gates.FusedGates`, `--compile-gates`):
+        one pass per block forward and one backward instead of a dozen, the same values up to float rounding."""
+        return self._fused_gates is not None
+
+    @compile_gates.setter
+    def compile_gates(self, value: bool) -> None:
+        c = self.config
+        self._fused_gates = gates.fused_gates(c.stretch_l, c.stretch_r) if value else None
 
     @property
     def sampled_candidate_grad(self) -> bool:
@@ -419,7 +431,8 @@ class DiffModel(nn.Module):
         rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
         with_l0 = step.with_l0 and torch.is_grad_enabled()
         eff, e = gates.GatedRows.apply(t.index_select(0, rows), slot.w, slot.alpha, slot.alpha_group, rows,
-                                       _tensor_seed(step.seed, self._index[name]), c.stretch_l, c.stretch_r, with_l0)
+                                       _tensor_seed(step.seed, self._index[name]), c.stretch_l, c.stretch_r, with_l0,
+                                       self._fused_gates)
         if with_l0 and name not in step.penalised:
             step.add_l0(name, gates.with_group_term(e, slot.alpha_group, c.stretch_l, c.stretch_r, c.group_penalty))
         return eff, rows, inverse
@@ -463,12 +476,13 @@ class DiffModel(nn.Module):
                 # the same ops every time the tensor runs in the step (a checkpointed block's recompute
                 # must save what its first run saved); the term is counted once
                 out, e = gates.gated_diff_and_l0(base, whole(slot.w), whole(slot.alpha), _whole_or_none(slot.alpha_group),
-                                                 seed, c.stretch_l, c.stretch_r, c.group_penalty, cache)
+                                                 seed, c.stretch_l, c.stretch_r, c.group_penalty, cache,
+                                                 self._fused_gates)
                 if name not in step.penalised:
                     step.add_l0(name, e)
             else:
                 out = gates.gated_diff(base, whole(slot.w), whole(slot.alpha), _whole_or_none(slot.alpha_group), seed,
-                                       c.stretch_l, c.stretch_r, cache, fill=for_recompute)
+                                       c.stretch_l, c.stretch_r, cache, fill=for_recompute, fused=self._fused_gates)
         else:
             out = base + self._gated_w(name, gates.deterministic_gate).to(base.dtype)
         return out

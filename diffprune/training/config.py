@@ -84,6 +84,10 @@ class TrainConfig:
     """Diff methods: the L0 stage's AdamW moments of w in "fp32" or "bf16" (stochastically rounded)."""
     theta_dtype: str | None = None
     """Frozen weights in "fp32" or "bf16" (accelerators only; the forward then runs under bf16 autocast)."""
+    compile_gates: bool = False
+    """Diff methods: the dense L0 stage's gate arithmetic as `torch.compile`d kernels (`gates.FusedGates`):
+    faster, the same values up to float rounding; compiles on first use and adds torch's compiler stack to
+    the process (about 190 MB of host memory)."""
     gradient_checkpointing: bool = False
     """The model's activation checkpointing (transformers' gradient_checkpointing_enable, non-reentrant)."""
     candidates: float | None = None
