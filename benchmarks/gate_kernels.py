@@ -16,6 +16,12 @@ thread, best of `--repeats`, nanoseconds per entry:
   fp32 chunks, stochastic rounding back), of the eager chunk arithmetic that step used before
   (2026-12-06, kept here as the baseline), and of torch's fused fp32 AdamW.
 
+A compiled row (`--compile-gates`, `gates.FusedGates`) follows the recompute-and-backward rows. With
+`--step-model bert-base` (or minilm) it also times whole steps of that model at `--step-batch` x
+`--step-seq-len` in one process, in rotating order: full finetuning (AdamW), and the `--memory lean` L0
+stage (the AdamW step inside backward) with eager and with compiled gates on one model (separate
+processes differ by up to 15% in step time on this VM, more than the effect measured): the median of each.
+
     OMP_NUM_THREADS=1 python benchmarks/gate_kernels.py        # writes benchmarks/results/gate_kernels.{md,json}
 """
 
@@ -103,7 +109,7 @@ def gate_expression(n: int, repeats: int, compile_: bool) -> dict:
     return res
 
 
-def recompute_and_backward(shape: tuple, repeats: int) -> dict:
+def recompute_and_backward(shape: tuple, repeats: int, compile_: bool = True) -> dict:
     g = torch.Generator().manual_seed(1)
     theta = torch.randn(shape, generator=g)
     w = torch.nn.Parameter(torch.randn(shape, generator=g) * 1e-3)
@@ -113,18 +119,23 @@ def recompute_and_backward(shape: tuple, repeats: int) -> dict:
 
     one = gates.ConcreteCache()  # one per model, as in training: its buffer is reused from tensor to tensor
 
-    def run(cached: bool):
+    def run(cached: bool, fused=None):
         cache = one if cached else None
-        out, e = gates.GatedDiff.apply(theta, w, alpha, None, 7, L, R, True, cache)
+        out, e = gates.GatedDiff.apply(theta, w, alpha, None, 7, L, R, True, cache, False, fused)
         with torch.no_grad():
-            gates.gated_diff(theta, w, alpha, None, 7, L, R, cache, fill=cached)  # the recompute in backward
+            gates.gated_diff(theta, w, alpha, None, 7, L, R, cache, fill=cached, fused=fused)  # the recompute
         torch.autograd.backward([out, e], [grad, torch.tensor(1e-3)])
         w.grad = alpha.grad = None
 
     # the training forward is the same in both; measured with it, reported per entry of the tensor
-    return {"with the recompute's sample kept (ConcreteCache)": _best_ns(lambda: run(True), n, repeats),
-            "noise drawn again in backward": _best_ns(lambda: run(False), n, repeats),
-            "tensor": list(shape)}
+    res = {"with the recompute's sample kept (ConcreteCache)": _best_ns(lambda: run(True), n, repeats),
+           "noise drawn again in backward": _best_ns(lambda: run(False), n, repeats)}
+    if compile_:
+        fused = gates.fused_gates(L, R)
+        run(True, fused)  # compiles
+        res["sample kept, compiled kernels (--compile-gates)"] = _best_ns(lambda: run(True, fused), n, repeats)
+    res["tensor"] = list(shape)
+    return res
 
 
 @torch.no_grad()
@@ -172,6 +183,46 @@ def adamw_steps(n: int, repeats: int) -> dict:
             "torch fused AdamW, fp32": _best_ns(fused.step, n, repeats)}
 
 
+def lean_steps_ab(model_name: str, batch: int, seq_len: int, rounds: int) -> dict:
+    """Whole steps of `model_name` in one process: full finetuning (AdamW), the lean L0 stage with eager
+    gates and with compiled ones, in rotating order each round; the median step time of each and the
+    ratios to full finetuning's."""
+    import statistics
+
+    import train_cost as tc
+
+    def arm(config):
+        model = tc.build_model(model_name)
+        data = tc.make_batch(model, batch, seq_len, torch.device("cpu"))
+        return (*tc.setup(config, model, "fused", batch=data), data)
+
+    full, lean = arm("full"), arm("l0_lean")
+
+    def step(which: str) -> float:
+        module, opt, params, data = full if which == "full" else lean
+        if which != "full":
+            module.compile_gates = which == "lean, compiled gates"
+        t = time.perf_counter()
+        module(**data).loss.backward()  # (lean: the AdamW step runs inside backward, clipped there)
+        if which == "full":
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    arms = ["full", "lean, eager gates", "lean, compiled gates"]
+    for which in arms:  # warm-up, compilation included
+        step(which)
+    times = {a: [] for a in arms}
+    for i in range(rounds):
+        for which in arms[i % 3:] + arms[:i % 3]:
+            times[which].append(step(which))
+    med = {a: statistics.median(t) for a, t in times.items()}
+    return {"model": model_name, "batch": batch, "seq_len": seq_len, "rounds": rounds, "median_s": med,
+            "ratio_to_full": {a: med[a] / med["full"] for a in arms[1:]},
+            "compiled_vs_eager": med["lean, compiled gates"] / med["lean, eager gates"], "steps_s": times}
+
+
 def report(rec: dict) -> str:
     lines = ["# The L0 stage's elementwise kernels, per entry", "",
              "What a `--memory lean` step spends beyond the model's own ops, kernel by kernel "
@@ -191,6 +242,15 @@ def report(rec: dict) -> str:
     what = " (bert-base's FFN matrix)" if tuple(shape) == (3072, 768) else ""
     lines += ["", f"The recompute-and-backward rows include the training forward (the same in both) on a "
               f"{shape[0]} x {shape[1]} tensor{what}.", ""]
+    ab = rec.get("lean_steps")
+    if ab:
+        lines += [f"Whole steps of {ab['model']} at batch {ab['batch']} x {ab['seq_len']} in one process (`--step-model`), "
+                  f"the three in rotating order, {ab['rounds']} rounds, median:", "",
+                  "| step | seconds (median) | vs full finetuning | every step (s) |", "|---|---:|---:|---|"]
+        for a, t in ab["median_s"].items():
+            ratio = ab["ratio_to_full"].get(a, 1.0)
+            lines.append(f"| {a} | {t:.2f} | {ratio:.3f}x | {', '.join(f'{x:.2f}' for x in ab['steps_s'][a])} |")
+        lines += ["", f"Compiled against eager gates: **{ab['compiled_vs_eager']:.3f}x** the lean step time.", ""]
     return "\n".join(lines)
 
 
@@ -200,6 +260,11 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (it needs a C++ compiler)")
+    p.add_argument("--step-model", choices=("minilm", "bert-base"), default=None,
+                   help="also time whole lean L0 steps of this model, eager against compiled gates")
+    p.add_argument("--step-batch", type=int, default=8)
+    p.add_argument("--step-seq-len", type=int, default=128)
+    p.add_argument("--step-rounds", type=int, default=6)
     p.add_argument("--note", default="")
     p.add_argument("--out", default=str(RESULTS / "gate_kernels"), help="results path without suffix")
     args = p.parse_args(argv)
@@ -209,10 +274,14 @@ def main(argv=None) -> dict:
     kernels = {
         "gate noise": noise_kernels(n, args.repeats),
         "gate expression (noise excluded)": gate_expression(n, args.repeats, not args.no_compile),
-        "recomputed weight + gates' backward": recompute_and_backward(shape, args.repeats),
+        "recomputed weight + gates' backward": recompute_and_backward(shape, args.repeats, not args.no_compile),
         "AdamW step": adamw_steps(n, args.repeats),
     }
-    rec = {"kernels": kernels, "entries": n, "repeats": args.repeats, "threads": args.threads,
+    if args.step_model and not args.no_compile:
+        steps_ab = lean_steps_ab(args.step_model, args.step_batch, args.step_seq_len, args.step_rounds)
+    else:
+        steps_ab = None
+    rec = {"kernels": kernels, "lean_steps": steps_ab, "entries": n, "repeats": args.repeats, "threads": args.threads,
            "machine": _env.machine(), "versions": _env.versions(), "command": _env.command(),
            "date": _env.now(), "note": args.note}
     text = report(rec)

@@ -74,7 +74,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 CONFIGS = ("full", "l0", "l0_structured", "fixed", "lora_qv8", "lora_all32", "l0_lean", "l0_lean_m16", "l0_lean_w16",
-           "candidates", "candidates_dense_grad", "candidates_in_backward")
+           "l0_lean_compiled", "l0_lean_w16_compiled", "candidates", "candidates_dense_grad", "candidates_in_backward")
 TITLES = {
     "full": "full finetuning (AdamW)",
     "l0": "diffprune L0 stage, unstructured",
@@ -85,6 +85,8 @@ TITLES = {
     "l0_lean": "diffprune L0 stage, --memory lean",
     "l0_lean_m16": "diffprune L0 stage, --memory lean --moments-dtype bf16",
     "l0_lean_w16": "diffprune L0 stage, --memory lean --w-dtype bf16",
+    "l0_lean_compiled": "diffprune L0 stage, --memory lean --compile-gates",
+    "l0_lean_w16_compiled": "diffprune L0 stage, --memory lean --w-dtype bf16 --compile-gates",
     "candidates": "diffprune candidate L0 (5%), --memory lean, warm-up included",
     "candidates_dense_grad": "the same, weight gradient dense then gathered (before 2026-12-06)",
     "candidates_in_backward": "the same, AdamW step inside backward (--memory lean with candidates before 2026-12-07)",
@@ -314,8 +316,8 @@ def setup(config: str, model, adamw: str, lr: float = 2e-5, batch: dict | None =
         dm.project(0.005)
         gc.collect()
         groups = dm.param_groups(lr=5e-5)
-    elif config in ("l0_lean", "l0_lean_m16", "l0_lean_w16", "candidates", "candidates_dense_grad",
-                    "candidates_in_backward"):
+    elif config in ("l0_lean", "l0_lean_m16", "l0_lean_w16", "l0_lean_compiled", "l0_lean_w16_compiled", "candidates",
+                    "candidates_dense_grad", "candidates_in_backward"):
         # --memory lean: gate logits in bf16, effective weights recomputed in backward, the AdamW
         # step inside backward (its clipping: the previous step's norm, so `step` does not clip) except
         # with candidates, where lean keeps it after backward (`diffprune.lean.LEAN`)
@@ -327,8 +329,9 @@ def setup(config: str, model, adamw: str, lr: float = 2e-5, batch: dict | None =
         forced = {"optimizer_in_backward": True if config == "candidates_in_backward" else None}
         in_backward = lean.resolve("lean", forced, accelerator=True, candidates=frac)["optimizer_in_backward"]
         dm = DiffModel(model, diff_config(alpha_dtype="bf16", candidates=frac,
-                                          w_dtype="bf16" if config == "l0_lean_w16" else "fp32"))
+                                          w_dtype="bf16" if config.startswith("l0_lean_w16") else "fp32"))
         dm.recompute_weights = True
+        dm.compile_gates = config.endswith("_compiled")  # compiled in the warm-up step, inside the measured peak
         dm.sampled_candidate_grad = config != "candidates_dense_grad"
         if frac is not None:  # the importance warm-up, part of setup but inside the measured peak
             scores = candidates.importance(dm, [batch] * CANDIDATE_WARMUP_STEPS)

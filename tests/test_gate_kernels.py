@@ -48,3 +48,30 @@ def test_gate_kernels_writes_every_row_and_its_baseline_step_is_the_old_arithmet
         gk._eager_bf16_step(b, m, v, step)
     assert (a.detach().float() != b.detach().float()).float().mean() < 0.01
     torch.testing.assert_close(opt.state[a]["exp_avg"].float(), m.float(), rtol=0.01, atol=1e-6)
+
+
+def test_whole_step_comparison_times_every_arm_and_reports_it(monkeypatch):
+    """--step-model: full finetuning and the lean L0 stage with eager and compiled gates, in one process,
+    rotating; every step timed, the ratios from the medians, and a table in the report (a tiny model here,
+    whose tensors are below the compiled kernels' size: the arms run, the flag toggles)."""
+    gk = _module()
+    threads = torch.get_num_threads()
+    toggled = []
+    from diffprune.model import DiffModel
+
+    real = DiffModel.compile_gates.fset
+    monkeypatch.setattr(DiffModel, "compile_gates", property(DiffModel.compile_gates.fget,
+                                                             lambda self, v: toggled.append(v) or real(self, v)))
+    try:
+        ab = gk.lean_steps_ab("tiny", 2, 8, 3)
+    finally:
+        torch.set_num_threads(threads)
+    assert ab["rounds"] == 3 and all(len(t) == 3 and min(t) > 0 for t in ab["steps_s"].values())
+    assert ab["ratio_to_full"]["lean, eager gates"] == ab["median_s"]["lean, eager gates"] / ab["median_s"]["full"]
+    assert ab["compiled_vs_eager"] == ab["median_s"]["lean, compiled gates"] / ab["median_s"]["lean, eager gates"]
+    # set up eager (train_cost's l0_lean), then one warm-up step and 3 rounds of each lean arm
+    assert toggled[0] is False and toggled[1:].count(True) == 4 and toggled[1:].count(False) == 4
+    md = gk.report({"kernels": {"recomputed weight + gates' backward": {"tensor": [4, 4]}}, "lean_steps": ab,
+                    "repeats": 1, "threads": 1, "command": "c", "date": "d", "machine": {"cpu": "x", "cores": 2,
+                    "platform": "p"}, "versions": {}})
+    assert "| lean, compiled gates |" in md and "Compiled against eager gates" in md
