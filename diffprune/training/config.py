@@ -87,7 +87,7 @@ class TrainConfig:
     compile_gates: bool = False
     """Diff methods: the dense L0 stage's gate arithmetic as `torch.compile`d kernels (`gates.FusedGates`):
     faster, the same values up to float rounding; compiles on first use and adds torch's compiler stack to
-    the process (about 190 MB of host memory)."""
+    the process (tens of MiB of host memory)."""
     gradient_checkpointing: bool = False
     """The model's activation checkpointing (transformers' gradient_checkpointing_enable, non-reentrant)."""
     candidates: float | None = None
