@@ -113,7 +113,7 @@ def test_a_kernel_that_cannot_compile_falls_back_once_with_the_same_values(monke
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("setting", ["plain", "recompute", "bf16 alpha, expected_l0"])
+@pytest.mark.parametrize("setting", ["plain", "recompute", "checkpointing", "bf16 alpha, expected_l0"])
 def test_diff_model_with_compiled_gates_equals_eager(setting, monkeypatch):
     """A tiny BERT's dense L0 step (its embedding's looked-up rows and whole-tensor penalty included):
     the same loss and gradients with compile_gates as without, and the kernels did run."""
