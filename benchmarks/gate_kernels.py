@@ -19,7 +19,8 @@ thread, best of `--repeats`, nanoseconds per entry:
 A compiled row (`--compile-gates`, `gates.FusedGates`) follows the recompute-and-backward rows. With
 `--step-model bert-base` (or minilm) it also times whole steps of that model at `--step-batch` x
 `--step-seq-len` in one process, in rotating order: full finetuning (AdamW), and the `--memory lean` L0
-stage (the AdamW step inside backward) with eager and with compiled gates on one model (separate
+stage (the AdamW step inside backward) with eager and with compiled gates on one model, with `--step-w16`
+also the lean stage with --w-dtype bf16 both ways (separate
 processes differ by up to 15% in step time on this VM, more than the effect measured): the median of each.
 
     OMP_NUM_THREADS=1 python benchmarks/gate_kernels.py        # writes benchmarks/results/gate_kernels.{md,json}
@@ -183,43 +184,49 @@ def adamw_steps(n: int, repeats: int) -> dict:
             "torch fused AdamW, fp32": _best_ns(fused.step, n, repeats)}
 
 
-def lean_steps_ab(model_name: str, batch: int, seq_len: int, rounds: int) -> dict:
+def lean_steps_ab(model_name: str, batch: int, seq_len: int, rounds: int, w16: bool = False) -> dict:
     """Whole steps of `model_name` in one process: full finetuning (AdamW), the lean L0 stage with eager
-    gates and with compiled ones, in rotating order each round; the median step time of each and the
-    ratios to full finetuning's."""
+    gates and with compiled ones (and with `w16` the same with --w-dtype bf16), in rotating order each
+    round; the median step time of each and the ratios to full finetuning's."""
     import statistics
 
     import train_cost as tc
 
-    def arm(config):
+    configs = ["full", "l0_lean"] + (["l0_lean_w16"] if w16 else [])
+    built = {}
+    for config in configs:
         model = tc.build_model(model_name)
         data = tc.make_batch(model, batch, seq_len, torch.device("cpu"))
-        return (*tc.setup(config, model, "fused", batch=data), data)
-
-    full, lean = arm("full"), arm("l0_lean")
+        built[config] = (*tc.setup(config, model, "fused", batch=data), data)
+    arms = {"full": ("full", None), "lean, eager gates": ("l0_lean", False), "lean, compiled gates": ("l0_lean", True)}
+    if w16:
+        arms.update({"lean --w-dtype bf16, eager gates": ("l0_lean_w16", False),
+                     "lean --w-dtype bf16, compiled gates": ("l0_lean_w16", True)})
 
     def step(which: str) -> float:
-        module, opt, params, data = full if which == "full" else lean
-        if which != "full":
-            module.compile_gates = which == "lean, compiled gates"
+        config, compiled = arms[which]
+        module, opt, params, data = built[config]
+        if compiled is not None:
+            module.compile_gates = compiled
         t = time.perf_counter()
         module(**data).loss.backward()  # (lean: the AdamW step runs inside backward, clipped there)
-        if which == "full":
+        if config == "full":
             torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t
 
-    arms = ["full", "lean, eager gates", "lean, compiled gates"]
-    for which in arms:  # warm-up, compilation included
+    names = list(arms)
+    for which in names:  # warm-up, compilation included
         step(which)
-    times = {a: [] for a in arms}
+    times = {a: [] for a in names}
     for i in range(rounds):
-        for which in arms[i % 3:] + arms[:i % 3]:
+        k = i % len(names)
+        for which in names[k:] + names[:k]:
             times[which].append(step(which))
     med = {a: statistics.median(t) for a, t in times.items()}
     return {"model": model_name, "batch": batch, "seq_len": seq_len, "rounds": rounds, "median_s": med,
-            "ratio_to_full": {a: med[a] / med["full"] for a in arms[1:]},
+            "ratio_to_full": {a: med[a] / med["full"] for a in names[1:]},
             "compiled_vs_eager": med["lean, compiled gates"] / med["lean, eager gates"], "steps_s": times}
 
 
@@ -245,7 +252,7 @@ def report(rec: dict) -> str:
     ab = rec.get("lean_steps")
     if ab:
         lines += [f"Whole steps of {ab['model']} at batch {ab['batch']} x {ab['seq_len']} in one process (`--step-model`), "
-                  f"the three in rotating order, {ab['rounds']} rounds, median:", "",
+                  f"{len(ab['median_s'])} kinds in rotating order, {ab['rounds']} rounds, median:", "",
                   "| step | seconds (median) | vs full finetuning | every step (s) |", "|---|---:|---:|---|"]
         for a, t in ab["median_s"].items():
             ratio = ab["ratio_to_full"].get(a, 1.0)
@@ -265,6 +272,7 @@ def main(argv=None) -> dict:
     p.add_argument("--step-batch", type=int, default=8)
     p.add_argument("--step-seq-len", type=int, default=128)
     p.add_argument("--step-rounds", type=int, default=6)
+    p.add_argument("--step-w16", action="store_true", help="also the lean stage with --w-dtype bf16, eager and compiled")
     p.add_argument("--note", default="")
     p.add_argument("--out", default=str(RESULTS / "gate_kernels"), help="results path without suffix")
     args = p.parse_args(argv)
@@ -278,7 +286,8 @@ def main(argv=None) -> dict:
         "AdamW step": adamw_steps(n, args.repeats),
     }
     if args.step_model and not args.no_compile:
-        steps_ab = lean_steps_ab(args.step_model, args.step_batch, args.step_seq_len, args.step_rounds)
+        steps_ab = lean_steps_ab(args.step_model, args.step_batch, args.step_seq_len, args.step_rounds,
+                                 args.step_w16)
     else:
         steps_ab = None
     rec = {"kernels": kernels, "lean_steps": steps_ab, "entries": n, "repeats": args.repeats, "threads": args.threads,

@@ -75,3 +75,7 @@ def test_whole_step_comparison_times_every_arm_and_reports_it(monkeypatch):
                     "repeats": 1, "threads": 1, "command": "c", "date": "d", "machine": {"cpu": "x", "cores": 2,
                     "platform": "p"}, "versions": {}})
     assert "| lean, compiled gates |" in md and "Compiled against eager gates" in md
+    w16 = gk.lean_steps_ab("tiny", 2, 8, 1, w16=True)
+    torch.set_num_threads(threads)
+    assert set(w16["ratio_to_full"]) == {"lean, eager gates", "lean, compiled gates", "lean --w-dtype bf16, eager gates",
+                                         "lean --w-dtype bf16, compiled gates"}
