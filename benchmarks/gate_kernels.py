@@ -20,8 +20,8 @@ A compiled row (`--compile-gates`, `gates.FusedGates`) follows the recompute-and
 `--step-model bert-base` (or minilm) it also times whole steps of that model at `--step-batch` x
 `--step-seq-len` in one process, in rotating order: full finetuning (AdamW), and the `--memory lean` L0
 stage (the AdamW step inside backward) with eager and with compiled gates on one model, with `--step-w16`
-also the lean stage with --w-dtype bf16 both ways (separate
-processes differ by up to 15% in step time on this VM, more than the effect measured): the median of each.
+also the lean stage with --w-dtype bf16 both ways (separate processes' step times spread further than
+the effect measured on this VM): the median of each.
 
     OMP_NUM_THREADS=1 python benchmarks/gate_kernels.py        # writes benchmarks/results/gate_kernels.{md,json}
 """
@@ -276,6 +276,8 @@ def main(argv=None) -> dict:
     p.add_argument("--note", default="")
     p.add_argument("--out", default=str(RESULTS / "gate_kernels"), help="results path without suffix")
     args = p.parse_args(argv)
+    if args.step_model and args.no_compile:
+        p.error("--step-model compares eager with compiled gates: it cannot run with --no-compile")
     torch.set_num_threads(args.threads)
     n = args.entries
     shape = (3072, 768) if n >= 3072 * 768 else (max(1, n // 64), 64)
@@ -285,11 +287,8 @@ def main(argv=None) -> dict:
         "recomputed weight + gates' backward": recompute_and_backward(shape, args.repeats, not args.no_compile),
         "AdamW step": adamw_steps(n, args.repeats),
     }
-    if args.step_model and not args.no_compile:
-        steps_ab = lean_steps_ab(args.step_model, args.step_batch, args.step_seq_len, args.step_rounds,
-                                 args.step_w16)
-    else:
-        steps_ab = None
+    steps_ab = lean_steps_ab(args.step_model, args.step_batch, args.step_seq_len, args.step_rounds,
+                             args.step_w16) if args.step_model else None
     rec = {"kernels": kernels, "lean_steps": steps_ab, "entries": n, "repeats": args.repeats, "threads": args.threads,
            "machine": _env.machine(), "versions": _env.versions(), "command": _env.command(),
            "date": _env.now(), "note": args.note}

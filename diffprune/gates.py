@@ -172,11 +172,11 @@ class FusedGates:
             grad_alpha.copy_(from_gates + pen * (p - p * p))
             return (gz * w).sum()
 
-        def prob_sum(alpha):
-            return (1.0 / (1.0 + ec * torch.exp(-alpha.float()))).sum()
+        def prob_sum(alpha):  # (in alpha's dtype widened to fp32 at least, as `compute_dtype` does for w)
+            return (1.0 / (1.0 + ec * torch.exp(-alpha.to(compute_dtype(alpha))))).sum()
 
         def penalty_grad(alpha, pen, grad_alpha):
-            p = 1.0 / (1.0 + ec * torch.exp(-alpha.float()))
+            p = 1.0 / (1.0 + ec * torch.exp(-alpha.to(compute_dtype(alpha))))
             grad_alpha.copy_(pen * (p - p * p))
 
         self._kernels = {name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in
@@ -206,9 +206,14 @@ class FusedGates:
                           "the eager passes give the same values, slower", RuntimeWarning, stacklevel=3)
             return None
 
+    @staticmethod
+    def group_gate(z_g, dtype, device) -> torch.Tensor:
+        """The kernels' z_g: the group gate as a 0-dim tensor of `dtype`, 1 for a tensor without one."""
+        return z_g.to(dtype) if z_g is not None else torch.ones((), dtype=dtype, device=device)
+
     def forward(self, u, alpha, w, theta, z_g, out, s_out):
         """out <- theta + z * z_g * w for the uniforms u (s_out <- the sample s, when given); the block's
-        sum of P(z != 0). z_g: a 0-dim tensor."""
+        sum of P(z != 0). z_g: a 0-dim tensor (`group_gate`)."""
         return self._run("forward", u, alpha, w, theta, z_g, out, s_out)
 
     def backward(self, x, from_noise: bool, alpha, g, w, z_g, pen, grad_w, grad_alpha):
@@ -318,7 +323,7 @@ class GatedDiff(torch.autograd.Function):
         keep = torch.empty(n, dtype=cdt, device=device) if fill and cache is not None and n <= cache.max_entries else None
         if fused is not None and fused.usable(n):
             u_buf = torch.empty(bs, dtype=cdt, device=device)
-            zg_t = z_g.to(cdt) if z_g is not None else torch.ones((), dtype=cdt, device=device)
+            zg_t = FusedGates.group_gate(z_g, cdt, device)
         else:
             fused = None
         for k, i in enumerate(range(0, n, bs)):
@@ -390,8 +395,7 @@ class GatedDiff(torch.autograd.Function):
         gaf = grad_alpha.view(-1) if grad_alpha is not None else None
         fused = ctx.fused if ctx.fused is not None and ctx.fused.usable(n) and need_w and need_alpha else None
         if fused is not None:
-            one = torch.ones((), dtype=cdt, device=device)
-            zg_t = z_g.to(cdt) if gates_part and z_g is not None else one
+            zg_t = FusedGates.group_gate(z_g if gates_part else None, cdt, device)
             pen = grad_expected.to(cdt) if l0_part else torch.zeros((), dtype=cdt, device=device)
         for k, i in enumerate(range(0, n, bs)):
             j = min(i + bs, n)

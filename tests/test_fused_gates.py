@@ -170,3 +170,16 @@ def test_train_config_and_cli_turn_it_on():
         dm = get_method(name).build(tiny_bert(), [], cfg)
         assert dm.compile_gates is on, name  # (no gates: nothing to compile)
     assert get_method("diff").build(tiny_bert(), [], TrainConfig(task="sst2", output_dir="x")).compile_gates is False
+
+
+def test_penalty_kernels_keep_float64_logits_in_float64(fused):
+    """An embedding's whole-tensor penalty (`GatedRows`) in float64: the kernels compute in alpha's dtype
+    widened to fp32 at least, as the eager passes do, not in fp32 (which would be off by ~1e-7 relative)."""
+    alpha = torch.randn(4000, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 3
+    c = gates.log_ratio(L, R)
+    ref = torch.sigmoid(alpha - c)
+    assert abs(float(fused.prob_sum(alpha)) - float(ref.sum())) < 1e-10 * float(ref.sum())
+    grad = torch.empty_like(alpha)
+    pen = torch.tensor(0.37, dtype=torch.float64)
+    fused.penalty_grad(alpha, pen, grad)
+    torch.testing.assert_close(grad, 0.37 * ref * (1 - ref), rtol=1e-12, atol=1e-15)

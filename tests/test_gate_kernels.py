@@ -79,3 +79,13 @@ def test_whole_step_comparison_times_every_arm_and_reports_it(monkeypatch):
     torch.set_num_threads(threads)
     assert set(w16["ratio_to_full"]) == {"lean, eager gates", "lean, compiled gates", "lean --w-dtype bf16, eager gates",
                                          "lean --w-dtype bf16, compiled gates"}
+
+
+def test_step_comparison_refuses_no_compile():
+    """--step-model compares against compiled gates: with --no-compile it is refused before any work."""
+    import pytest
+
+    gk = _module()
+    with pytest.raises(SystemExit) as exc:
+        gk.main(["--step-model", "minilm", "--no-compile", "--out", "/nonexistent/gk"])
+    assert exc.value.code == 2
