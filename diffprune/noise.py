@@ -37,7 +37,8 @@ class Noise:
         words in two vectorised passes; the words come in the order numpy's ``random`` draws them (low
         half of each 64-bit output, then high), so the values are bit for bit those of
         ``Generator.random(dtype=float32)`` (tested), and faster: 1.85 ns a value into a full-size tensor
-        against its 2.47 (benchmarks/results/gate_kernels.md; the two vary by ~0.3 ns run to run)."""
+        against its 2.47 on 2026-12-06, 1.74 against 1.86 in the 2026-12-07 run of
+        benchmarks/results/gate_kernels.md (the two vary by ~0.3 ns run to run)."""
         if self.np is not None and buf.dtype == torch.float32 and buf.is_contiguous():
             words = self._words(buf.numel()).view(np.uint32)
             np.right_shift(words, 8, out=words)

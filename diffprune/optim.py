@@ -29,7 +29,8 @@ from .noise import Noise
 
 _CHUNK = 1 << 17  # 512 KiB of fp32: a chunk's passes stay in cache (1.6x faster than 1 << 20 here)
 # Per entry of a bf16 tensor with bf16 moments, one idle core: 4.0 ns against 5.6 for the eager chunk
-# arithmetic it replaced and 0.6 for fused fp32 AdamW (benchmarks/results/gate_kernels.md); of it,
+# arithmetic it replaced and 0.6 for fused fp32 AdamW (2026-12-06; 4.15, 5.81 and 0.63 in the 2026-12-07
+# run of benchmarks/results/gate_kernels.md); of it,
 # loading the chunk ~0.65, the fused kernel ~0.5, the random bits ~1.2, rounding back ~1.6.
 _LOW = (torch.bfloat16,)
 
