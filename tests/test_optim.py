@@ -248,3 +248,43 @@ def test_small_tensors_stepped_in_packs_equal_the_per_tensor_step_bit_for_bit(mo
             torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
         for k in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt_packed.state[a][k], opt_alone.state[b][k])
+
+
+def test_the_chunk_size_changes_the_speed_only_on_the_cpu(monkeypatch):
+    """The bf16 step and the stochastic sum run chunk by chunk (2^17 entries on the CPU, 2^22 on accelerators,
+    where each chunk's ops are kernel launches): on the CPU the results are bit for bit the same with another,
+    ragged chunk size, because an entry's random bits depend on its position only."""
+    from diffprune import optim
+
+    assert optim._chunk(torch.device("cpu")) == optim._CHUNK
+    assert optim._chunk(torch.device("cuda")) == optim._DEVICE_CHUNK > optim._CHUNK
+
+    def run(chunk):
+        monkeypatch.setattr(optim, "_CHUNK", chunk)
+        g = torch.Generator().manual_seed(1)
+        n = 2 * (1 << 17) + 12_345  # three default chunks, the last ragged
+        alpha = torch.nn.Parameter((torch.randn(n, generator=g) + 5).bfloat16())
+        w = torch.nn.Parameter(torch.randn(n, generator=g) * 1e-3)
+        opt = AdamW([{"params": [alpha], "lr": 0.1}, {"params": [w], "lr": 1e-3, "state_dtype": "bf16"}],
+                    weight_decay=0.01, seed=5)
+        for step in range(2):
+            alpha.grad = torch.randn(n, generator=g).bfloat16()
+            w.grad = torch.randn(n, generator=g)
+            opt.step()
+        acc = torch.zeros(n, dtype=torch.bfloat16)
+        add_stochastic_(acc, torch.rand(n, generator=g) * 1e-3, key=(7, 0))
+        return [alpha, w, acc] + [opt.state[p][k] for p in (alpha, w) for k in ("exp_avg", "exp_avg_sq")]
+
+    default, ragged = run(1 << 17), run(9_999)
+    # bf16 alpha, its moments and the stochastic sum: bit for bit
+    for i in (0, 2, 3, 4):
+        assert torch.equal(default[i].detach().view(torch.int16), ragged[i].detach().view(torch.int16))
+    assert not torch.equal(default[0].detach(), default[0].detach().round())  # the step moved alpha
+    # fp32 w goes through torch's fused kernel, whose vectorised body and scalar tail may differ in the last
+    # bit (a ragged chunk moves entries between them); its bf16 moments round what that kernel gives
+    w, w2 = default[1].detach(), ragged[1].detach()
+    torch.testing.assert_close(w2, w, rtol=2.5e-7, atol=0.0)
+    for m, m2 in zip(default[5:], ragged[5:]):
+        differ = (m != m2).sum().item()
+        assert differ <= m.numel() // 1000
+        torch.testing.assert_close(m2.float(), m.float(), rtol=2 ** -7, atol=0.0)
