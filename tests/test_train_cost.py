@@ -188,6 +188,8 @@ def test_benchmark_cli_quick_prints_ratios_last():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("step_time_ratio_l0", "step_time_ratio_fixmask", "peak_memory_ratio_l0", "peak_memory_ratio_fixmask"):
         assert result[key] > 0
+    for c in result["configs"].values():  # the memory in use when a forward ended, within the peak
+        assert 0 < c["after_forward_bytes"] <= c["peak_bytes"]
 
 
 @pytest.mark.parametrize("config,targets", [("lora_qv8", {"query", "value"}),
@@ -305,6 +307,9 @@ def test_benchmark_cli_tiny_lora_ratios():
         b = result["configs"][cfg]["breakdown"]
         assert b["diff_state"] == b["gradients"] > 0
     assert result["configs"]["lora_qv8"]["trainable"] < result["configs"]["lora_all32"]["trainable"]
+    for cfg in ("full", "lora_qv8", "lora_all32"):  # the memory in use when a forward ended, within the peak
+        c = result["configs"][cfg]
+        assert 0 < c["after_forward_bytes"] <= c["peak_bytes"]
     assert result["configs"]["lora_all32"]["trainable"] < result["configs"]["full"]["trainable"]
 
 
@@ -373,3 +378,26 @@ def test_benchmark_profiles_are_grouped_by_model_and_shape(tmp_path):
                                 "minilm batch 8 x 64": {"candidates": prof("candidates", 8, 64)}}
     md = (tmp_path / "train_cost.md").read_text()
     assert "### minilm: batch 32, sequence length 128" in md and "### minilm: batch 8, sequence length 64" in md
+
+
+def test_benchmark_memory_split_shows_the_memory_after_forward_only_where_measured():
+    """The split table gets an "in use after forward" column when a run measured it, "-" for a configuration
+    without it, and no column for runs recorded before it existed."""
+    bench = _bench_module()
+
+    def run(after):
+        full = {"trainable": 10, "peak_bytes": 3 << 20, "breakdown": {"diff_state": 0, "gradients": 1 << 20,
+                                                                      "optimizer_state": 2 << 20}}
+        lean = dict(full, step_time_s=2.0, step_time_ref_s=1.0, step_time_ratio=2.0, cpu_time_ratio=2.0,
+                    step_time_ratio_rounds=[2.0], peak_memory_ratio=1.5, peak_bytes=(9 << 19))
+        full["step_time_s"] = 1.0
+        if after is not None:
+            full["after_forward_bytes"] = after
+        return {"model": "tiny", "batch": 2, "seq_len": 16, "device": "cpu", "threads": 1, "seconds": 1.0,
+                "adamw": "fused", "rounds": 1, "steps_per_round": 1, "configs": {"full": full, "l0_lean": lean}}
+
+    with_column = bench.render_md({"runs": {"a": run(5 << 20)}, "profiles": {}})
+    assert "in use after forward |" in with_column
+    assert "| full finetuning (AdamW) | 0 | 1 | 2 | 0 | 3 | 5 |" in with_column
+    assert "| 4 | - |" in with_column  # l0_lean: 4.5 MiB peak shown rounded, its after-forward not measured
+    assert "in use after forward" not in bench.render_md({"runs": {"a": run(None)}, "profiles": {}})
