@@ -41,12 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _env  # noqa: E402
 
-from diffprune import gates, optim  # noqa: E402
+from diffprune import blocks, gates, optim  # noqa: E402
 from diffprune.noise import Noise  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 L, R = -0.1, 1.1
-BLOCK = gates._CPU_BLOCK  # the blocks GatedDiff uses on a CPU
+BLOCK = blocks.CPU_BLOCK  # the blocks GatedDiff uses on a CPU
 
 
 def _best_ns(fn, entries: int, repeats: int) -> float:

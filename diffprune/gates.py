@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from . import blocks
 from .config import GROUP_PENALTIES
 from .noise import Noise
 
@@ -242,18 +243,10 @@ def fused_gates(l: float, r: float) -> FusedGates:
     return _FUSED[(l, r)]
 
 
-# The elementwise work runs block by block over the flattened tensors. On CPU a block (2^17
-# entries, 512 KiB in fp32) keeps its dozen passes (noise, logit, sigmoid, stretch, products) in
-# cache instead of streaming the whole tensor through memory a dozen times; on accelerators larger
-# blocks (2^22) only bound the temporaries. Either way the only full-size tensors allocated are the
-# outputs. The noise stream (`diffprune.noise.Noise`) does not depend on how the tensor is split, so the blocked
-# gates are exactly the unblocked ones.
-_CPU_BLOCK = 1 << 17
-_DEVICE_BLOCK = 1 << 22
-
-
+# The elementwise work runs block by block over the flattened tensors (`diffprune.blocks`): the only
+# full-size tensors allocated are the outputs, and on the CPU the blocked gates are exactly the unblocked ones.
 def _block_size(n: int, device: torch.device) -> int:
-    return max(1, min(n, _CPU_BLOCK if device.type == "cpu" else _DEVICE_BLOCK))
+    return blocks.size(device, n)
 
 
 def compute_dtype(w: torch.Tensor) -> torch.dtype:

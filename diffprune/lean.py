@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from . import optim
+from . import blocks, optim
 from .errors import ConfigError
 
 MEMORY_MODES = ("standard", "lean")
@@ -68,8 +68,6 @@ def resolve(memory: str, overrides: dict, accelerator: bool, candidates: float |
     return opts
 
 
-_NORM_BLOCK = 1 << 17  # on the CPU; 2^22 on accelerators, where each block's ops are kernel launches
-_DEVICE_NORM_BLOCK = 1 << 22
 
 
 def _squared_norm(g: torch.Tensor) -> torch.Tensor:
@@ -77,7 +75,7 @@ def _squared_norm(g: torch.Tensor) -> torch.Tensor:
     fp32 `vector_norm` over tens of millions of entries is off by ~0.3% on CPU), as accurate as
     ``g.float().pow(2).sum()``."""
     flat = g.reshape(-1)
-    block = _NORM_BLOCK if flat.device.type == "cpu" else _DEVICE_NORM_BLOCK
+    block = blocks.size(flat.device)
     if flat.numel() <= block:
         return flat.float().pow(2).sum()
     return torch.stack([b.float().pow(2).sum() for b in flat.split(block)]).sum()

@@ -25,12 +25,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import blocks
 from .noise import Noise
 
-_CHUNK = 1 << 17  # 512 KiB of fp32: a chunk's passes stay in cache (1.6x faster than 1 << 20 here)
-# On an accelerator a chunk's dozen ops are a dozen kernel launches: 2^17 entries would make ~16 launches per
-# 131k entries, ~150k a step for Llama-3.2-1B's 1.24B gate logits; 2^22 makes 32x fewer (a 64 MiB workspace).
-_DEVICE_CHUNK = 1 << 22
 # Per entry of a bf16 tensor with bf16 moments, one idle core: 4.0 ns against 5.6 for the eager chunk
 # arithmetic it replaced and 0.6 for fused fp32 AdamW (2026-12-06; 4.15, 5.81 and 0.63 in the 2026-12-07
 # run of benchmarks/results/gate_kernels.md); of it,
@@ -73,7 +70,7 @@ def add_stochastic_(acc: torch.Tensor, x: torch.Tensor, key: tuple[int, ...]) ->
     noise = Noise(key, _local(acc).device).skip(_flat_offset(acc))
     acc, x = _local(acc), _local(x)
     flat_a, flat_x = acc.view(-1), x.reshape(-1)
-    chunk = _chunk(flat_a.device)
+    chunk = blocks.size(flat_a.device)
     for start in range(0, flat_a.numel(), chunk):
         sl = slice(start, start + chunk)
         total = flat_a[sl].float().add_(flat_x[sl])
@@ -95,28 +92,20 @@ def add_stochastic_rows_(acc: torch.Tensor, rows: torch.Tensor, x: torch.Tensor,
     acc.index_copy_(0, rows, out.view(rows.numel(), *acc.shape[1:]))
 
 
-def _chunk(device: torch.device) -> int:
-    """Entries stepped (or summed) per chunk on `device`. On the CPU the random words of an entry do not
-    depend on the chunk (`Noise` continues its stream), so the chunk changes the speed only (tested). On an
-    accelerator torch's generator draws the words, and how a tensor is split changes which words (equally
-    random) an entry gets: the chunk size there is a constant, so a resumed run draws what it would have."""
-    return _CHUNK if device.type == "cpu" else _DEVICE_CHUNK
-
-
 _WORKSPACES: dict = {}
 
 
 def _workspace(device: torch.device) -> torch.Tensor:
-    """Four fp32 chunks (2 MiB on the CPU, 64 MiB elsewhere) per device, allocated once: every bf16 tensor's step, inside backward
+    """Four fp32 chunks (`diffprune.blocks`: 2 MiB on the CPU, 64 MiB elsewhere) per device, allocated once: every bf16 tensor's step, inside backward
     with the activations alive too, reuses them (a fresh 2 MiB per tensor and step measured ~100 MiB
     more peak memory on bert-base, from the heap fragmenting around them)."""
-    key = str(device)
-    if key not in _WORKSPACES:
-        _WORKSPACES[key] = torch.empty(4, _chunk(device), dtype=torch.float32, device=device)
+    key, chunk = str(device), blocks.size(device)
+    if key not in _WORKSPACES or _WORKSPACES[key].shape[1] < chunk:
+        _WORKSPACES[key] = torch.empty(4, chunk, dtype=torch.float32, device=device)
     return _WORKSPACES[key]
 
 
-_PACK_MAX = _CHUNK // 4  # tensors up to this many entries are stepped in packs (`AdamW._step_packs`)
+_PACK_MAX = blocks.CPU_BLOCK // 4  # tensors up to this many entries are stepped in packs (`AdamW._step_packs`)
 
 
 def _packable(p: torch.Tensor) -> bool:
@@ -223,7 +212,7 @@ class AdamW(torch.optim.AdamW):
         for (step, dtype, v_dtype), items in by_step.items():
             pack, size = [], 0
             for item in items:
-                if pack and size + item[1].numel() > _chunk(item[1].device):
+                if pack and size + item[1].numel() > blocks.size(item[1].device):
                     self._step_pack(group, step, pack)
                     pack, size = [], 0
                 pack.append(item)
@@ -267,7 +256,7 @@ class AdamW(torch.optim.AdamW):
         flat_m, flat_v = _local(state["exp_avg"]).view(-1), _local(state["exp_avg_sq"]).view(-1)
         buf = _workspace(flat_p.device)
         steps = [torch.tensor(float(step), dtype=torch.float32, device=flat_p.device)]
-        chunk = _chunk(flat_p.device)
+        chunk = blocks.size(flat_p.device)
         for start in range(0, flat_p.numel(), chunk):
             sl = slice(start, start + chunk)
             x, g, m, v = (b[: flat_p[sl].numel()] for b in buf)

@@ -6,7 +6,7 @@ that tiny tensors take them, and share one set of kernels per stretch (`gates.fu
 import pytest
 import torch
 
-from diffprune import gates
+from diffprune import blocks, gates
 from diffprune.config import DiffPruningConfig
 from diffprune.model import DiffModel
 from tests.test_gates import L, R, _leaves, _plain_gated_diff_and_l0
@@ -27,7 +27,7 @@ def compiler():
 def fused(monkeypatch, compiler):
     f = gates.fused_gates(L, R)
     monkeypatch.setattr(f, "min_entries", 0)
-    monkeypatch.setattr(gates, "_CPU_BLOCK", 16)  # several blocks, a ragged last one
+    monkeypatch.setattr(blocks, "CPU_BLOCK", 16)  # several blocks, a ragged last one
     return f
 
 
@@ -105,7 +105,7 @@ def test_compiled_gates_extreme_logits_stay_finite(fused):
 def test_a_kernel_that_cannot_compile_falls_back_once_with_the_same_values(monkeypatch):
     """No compiler (or a backend torch.compile does not support): one warning naming the option, then the
     eager passes, bit for bit what a run without --compile-gates gives."""
-    monkeypatch.setattr(gates, "_CPU_BLOCK", 16)
+    monkeypatch.setattr(blocks, "CPU_BLOCK", 16)
 
     def broken(*args):
         raise RuntimeError("InductorError: no C++ compiler found\nmore lines")
@@ -127,7 +127,7 @@ def test_a_kernel_that_cannot_compile_falls_back_once_with_the_same_values(monke
 def test_diff_model_with_compiled_gates_equals_eager(setting, monkeypatch, compiler):
     """A tiny BERT's dense L0 step (its embedding's looked-up rows and whole-tensor penalty included):
     the same loss and gradients with compile_gates as without, and the kernels did run."""
-    monkeypatch.setattr(gates, "_CPU_BLOCK", 64)
+    monkeypatch.setattr(blocks, "CPU_BLOCK", 64)
     results = {}
     for compiled in (False, True):
         model, batch = _model("bert")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from diffprune import gates
+from diffprune import blocks, gates
 
 L, R = -1.5, 1.5
 
@@ -121,7 +121,7 @@ def _leaves(shape, dtype, structured, gen):
 @pytest.mark.parametrize("block", [7, 1 << 17])  # many blocks with a ragged last one; one block
 def test_blocked_fused_path_matches_plain_autograd(structured, dtype, block, monkeypatch):
     """Values and gradients (w, alpha, alpha_group; task loss and L0 term together) equal plain autograd."""
-    monkeypatch.setattr(gates, "_CPU_BLOCK", block)
+    monkeypatch.setattr(blocks, "CPU_BLOCK", block)
     gen = torch.Generator().manual_seed(3)
     shape = (9, 5)
     theta = torch.randn(shape, generator=gen, dtype=dtype)
@@ -149,7 +149,7 @@ def test_blocked_fused_path_matches_plain_autograd(structured, dtype, block, mon
 
 @pytest.mark.parametrize("use", ["output", "l0"])
 def test_fused_path_with_one_output_unused(use, monkeypatch):
-    monkeypatch.setattr(gates, "_CPU_BLOCK", 8)
+    monkeypatch.setattr(blocks, "CPU_BLOCK", 8)
     gen = torch.Generator().manual_seed(5)
     theta = torch.randn(6, 7, generator=gen)
     grads = []
@@ -166,7 +166,7 @@ def test_fused_path_with_one_output_unused(use, monkeypatch):
 
 def test_fused_path_low_precision_theta_matches_plain(monkeypatch):
     """theta in bfloat16, diff state in float32: theta + delta.to(bf16), gradients in float32."""
-    monkeypatch.setattr(gates, "_CPU_BLOCK", 16)
+    monkeypatch.setattr(blocks, "CPU_BLOCK", 16)
     gen = torch.Generator().manual_seed(7)
     theta = torch.randn(8, 5, generator=gen).to(torch.bfloat16)
     upstream = torch.randn(8, 5, generator=gen).to(torch.bfloat16)
@@ -191,7 +191,7 @@ def test_fused_l0_term_equals_expected_nonzeros():
 
 
 def test_gated_diff_and_l0_gradcheck(monkeypatch):
-    monkeypatch.setattr(gates, "_CPU_BLOCK", 5)
+    monkeypatch.setattr(blocks, "CPU_BLOCK", 5)
     torch.manual_seed(0)
     seed = 11
     while True:

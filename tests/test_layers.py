@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from diffprune import DiffModel, DiffPruningConfig, gates
+from diffprune import DiffModel, DiffPruningConfig, blocks, gates
 from diffprune.model import _tensor_seed
 
 from .tiny_models import CAUSAL_KINDS, bert_batch, causal_batch, tiny_bert, tiny_causal
@@ -485,7 +485,7 @@ def test_candidate_gates_in_one_pass_equal_the_per_tensor_gates(kind, setting, m
         for slot in dm.slots.values():
             slot.alpha_group.fill_(float(torch.rand((), generator=g)) - 0.5)
     _apply_setting(dm, setting)
-    monkeypatch.setattr(gates, "_CPU_BLOCK", 64)  # blocks that span tensors and tensors over several blocks
+    monkeypatch.setattr(blocks, "CPU_BLOCK", 64)  # blocks that span tensors and tensors over several blocks
     calls = []
     real = gates.GatedDiff.forward
 

@@ -254,13 +254,14 @@ def test_the_chunk_size_changes_the_speed_only_on_the_cpu(monkeypatch):
     """The bf16 step and the stochastic sum run chunk by chunk (2^17 entries on the CPU, 2^22 on accelerators,
     where each chunk's ops are kernel launches): on the CPU the results are bit for bit the same with another,
     ragged chunk size, because an entry's random bits depend on its position only."""
-    from diffprune import optim
+    from diffprune import blocks
 
-    assert optim._chunk(torch.device("cpu")) == optim._CHUNK
-    assert optim._chunk(torch.device("cuda")) == optim._DEVICE_CHUNK > optim._CHUNK
+    assert blocks.size(torch.device("cpu")) == blocks.CPU_BLOCK
+    assert blocks.size(torch.device("cuda")) == blocks.DEVICE_BLOCK > blocks.CPU_BLOCK
+    assert blocks.size("cpu", 5) == 5 and blocks.size("cpu", 0) == 1
 
     def run(chunk):
-        monkeypatch.setattr(optim, "_CHUNK", chunk)
+        monkeypatch.setattr(blocks, "CPU_BLOCK", chunk)
         g = torch.Generator().manual_seed(1)
         n = 2 * (1 << 17) + 12_345  # three default chunks, the last ragged
         alpha = torch.nn.Parameter((torch.randn(n, generator=g) + 5).bfloat16())
@@ -275,7 +276,7 @@ def test_the_chunk_size_changes_the_speed_only_on_the_cpu(monkeypatch):
         add_stochastic_(acc, torch.rand(n, generator=g) * 1e-3, key=(7, 0))
         return [alpha, w, acc] + [opt.state[p][k] for p in (alpha, w) for k in ("exp_avg", "exp_avg_sq")]
 
-    default, ragged = run(1 << 17), run(9_999)
+    default, ragged = run(blocks.CPU_BLOCK), run(9_999)
     # bf16 alpha, its moments and the stochastic sum: bit for bit
     for i in (0, 2, 3, 4):
         assert torch.equal(default[i].detach().view(torch.int16), ragged[i].detach().view(torch.int16))

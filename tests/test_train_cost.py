@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from diffprune import DiffModel, DiffPruningConfig, gates
+from diffprune import DiffModel, DiffPruningConfig, blocks, gates
 from diffprune.model import _tensor_seed
 
 from .conftest import tiny_bert, tiny_gpt2
@@ -79,7 +79,7 @@ def _assert_close_grads(got, ref):
 def test_l0_step_gradients_match_plain_reference(structured, group_penalty, factory, monkeypatch):
     """Every gradient of the optimised L0 step (fused gates + L0 term, blocked, noise regenerated in
     backward) equals plain autograd through theta + z * z_g * w plus the L0 term (either group penalty)."""
-    monkeypatch.setattr(gates, "_CPU_BLOCK", 97)  # several blocks per tensor, ragged ends
+    monkeypatch.setattr(blocks, "CPU_BLOCK", 97)  # several blocks per tensor, ragged ends
     model = factory()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
