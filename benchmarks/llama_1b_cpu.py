@@ -107,6 +107,24 @@ def run_one(name: str, model_dir: Path, data: Path, val: Path, out: Path) -> dic
     return record
 
 
+def _with_earlier(records: list[dict], info: dict, path: Path) -> list[dict]:
+    """This run's records, then the earlier results file's records of the configurations this run did not
+    repeat (same model shape), each keeping its date and the command that made it, in CONFIGS order."""
+    if not path.exists():
+        return records
+    old = json.loads(path.read_text())
+    if old.get("model", {}).get("shape") != info.get("shape"):
+        return records
+    done = {r["config"] for r in records}
+    for r in old.get("records", []):
+        if r["config"] not in done:
+            r = dict(r)
+            r.setdefault("date", old.get("date"))
+            r.setdefault("kept_from", {"date": r["date"], "command": old.get("command"), "note": old.get("note")})
+            records.append(r)
+    return sorted(records, key=lambda r: list(CONFIGS).index(r["config"]))
+
+
 def _pace(log: list[dict], phase: str) -> float | None:
     """Mean seconds per step of a phase, from the examples/s its step records report (batch 1)."""
     rates = [e["examples_per_s"] for e in log if e.get("phase") == phase and "examples_per_s" in e and "step" in e]
@@ -130,8 +148,8 @@ def write_report(info: dict, records: list[dict], args, out_dir: Path) -> str:
         "Random weights: no score is reported. Each run is `diffprune train` in its own process; peak memory is "
         "its resident set (weights included).",
         "",
-        "| configuration | exit | wall time | peak memory | what happened |",
-        "|---|---|---|---|---|",
+        "| configuration | date | exit | wall time | peak memory | what happened |",
+        "|---|---|---|---|---|---|",
     ]
     for r in records:
         if r["exit_code"] != 0:
@@ -142,10 +160,18 @@ def write_report(info: dict, records: list[dict], args, out_dir: Path) -> str:
             what = (f"trained: {r['steps']} steps ({pace['l0']} s per L0 step, {pace['fixed']} s per fixed-mask step"
                     + (f", after a {wu['warmup_steps']}-batch importance warm-up of {wu['seconds']:.0f} s" if wu else "")
                     + f"), {r['nnz']:,} nonzeros of {r['n_diffed']:,}, a {r['stored_bytes'] / 1e6:.1f} MB diff")
-        lines.append(f"| {r['title']} | {r['exit_code']} | {r['wall_seconds']:.0f} s | {r['peak_rss_gib']:.1f} GiB | {what} |")
+        lines.append(f"| {r['title']} | {r.get('date', '?')} | {r['exit_code']} | {r['wall_seconds']:.0f} s | "
+                     f"{r['peak_rss_gib']:.1f} GiB | {what} |")
     lines += ["", "## Provenance", "", f"- command: `{_env.command()}`", f"- machine: {_env.machine()}",
               f"- versions: {_env.versions()}", f"- date: {_env.now()}",
-              f"- note: {args.note}" if args.note else "- note: —", "", "Each run's command:", ""]
+              f"- note: {args.note}" if args.note else "- note: —"]
+    kept = [r for r in records if r.get("kept_from")]
+    if kept:
+        lines.append("- rows kept from earlier runs (configurations this run did not repeat): "
+                     + "; ".join(f"{r['config']} from {r['kept_from']['date']} (`{r['kept_from']['command']}`"
+                                 + (f", note: {r['kept_from']['note']}" if r['kept_from'].get("note") else "") + ")"
+                                 for r in kept))
+    lines += ["", "Each run's command:", ""]
     lines += [f"- {r['config']}: `{r['command']}`" for r in records]
     text = "\n".join(lines) + "\n"
     _env.write_results(out_dir / "llama_1b_cpu", text, {"model": info, "records": records, "command": _env.command(),
@@ -171,8 +197,10 @@ def main(argv=None) -> int:
     records = []
     for name in args.configs:
         r = run_one(name, work / f"model-{args.shape}", data, val, work / f"run-{name}")
+        r["date"] = _env.now()
         print(json.dumps(r), flush=True)
         records.append(r)
+    records = _with_earlier(records, info, Path(args.results_dir) / "llama_1b_cpu.json")
     print(write_report(info, records, args, Path(args.results_dir)))
     return 0
 

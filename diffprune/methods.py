@@ -76,6 +76,12 @@ class Method:
         opts = _options(cfg)
         return (0 if opts["optimizer_in_backward"] else 4) + 8  # full: a gradient and two moments per parameter
 
+    def gradient_bytes_per_parameter(self, cfg=None) -> float:
+        """The part of `state_bytes_per_parameter` that is gradients: made in backward while the activations
+        are freed and dropped before the next forward, so a step's peak holds the larger of the two, not
+        both (`check_memory`; measured: full finetuning peaks when its forward ends)."""
+        return min(self.state_bytes_per_parameter(cfg), 0 if _options(cfg)["optimizer_in_backward"] else 4)
+
     def training_state(self, base, missing: list[str], cfg, family=None) -> tuple[int, str]:
         """(bytes, how they add up): the training state beyond the loaded model that `check_memory` weighs
         against the memory available, with `cfg`'s memory options; every parameter at
@@ -83,6 +89,10 @@ class Method:
         n = sum(p.numel() for p in base.parameters())
         per = self.state_bytes_per_parameter(cfg)
         return int(n * per), f"{per:g} bytes for each of the {n:,} parameters"
+
+    def training_gradients(self, base, missing: list[str], cfg, family=None) -> int:
+        """Bytes of `training_state` that are gradients (`gradient_bytes_per_parameter`)."""
+        return int(sum(p.numel() for p in base.parameters()) * self.gradient_bytes_per_parameter(cfg))
 
     # ---- training -----------------------------------------------------------------------------------
     def phases(self, cfg) -> list[Phase]:
@@ -154,9 +164,22 @@ class DiffMethod(Method):
             return w + alpha + effective
         return max(2.0, c * (w + alpha + 12)) + effective
 
-    def training_state(self, base, missing, cfg, family=None):
-        # only what is diffed carries diff state: the family's frozen tensors (a causal LM's embeddings and LM
-        # head, 21-28% of a 0.5-1B model) carry none, and the head trains densely (a gradient and two moments)
+    def gradient_bytes_per_parameter(self, cfg=None) -> float:
+        opts = _options(cfg)
+        if opts["optimizer_in_backward"]:
+            return 0
+        wb = 2 if opts["w_dtype"] == "bf16" and self.use_gates else 4
+        a = (2 if opts["alpha_dtype"] == "bf16" else 4) if self.use_gates else 0
+        c = getattr(cfg, "candidates", None) if self.use_gates else None
+        if c is None:
+            return wb + a
+        effective = 0 if opts["recompute_weights"] else 4  # (the warm-up holds one tensor's gradient at a time)
+        return c * (wb + a) if self.state_bytes_per_parameter(cfg) - effective > 2.0 else 0
+
+    def _counts(self, base, missing, cfg, family) -> dict:
+        """Entries diffed and in the head: only what is diffed carries diff state (the family's frozen tensors,
+        a causal LM's embeddings and LM head, 21-28% of a 0.5-1B model, carry none), and the head trains
+        densely (a gradient and two moments)."""
         from .config import DiffPruningConfig
 
         roles = DiffPruningConfig(**self.selection(base, missing, cfg, family))
@@ -167,12 +190,21 @@ class DiffMethod(Method):
                 role = "frozen"
             if role in counts:
                 counts[role] += p.numel()
+        return counts
+
+    def training_state(self, base, missing, cfg, family=None):
+        counts = self._counts(base, missing, cfg, family)
         per = self.state_bytes_per_parameter(cfg)
         head = (0 if _options(cfg)["optimizer_in_backward"] else 4) + 8
         text = f"{per:g} bytes for each of the {counts['diff']:,} diffed parameters"
         if counts["head"]:
             text += f", {head} for each of the {counts['head']:,} head parameters"
         return int(counts["diff"] * per + counts["head"] * head), text
+
+    def training_gradients(self, base, missing, cfg, family=None):
+        counts = self._counts(base, missing, cfg, family)
+        head = 0 if _options(cfg)["optimizer_in_backward"] else 4
+        return int(counts["diff"] * self.gradient_bytes_per_parameter(cfg) + counts["head"] * head)
 
     def selection(self, base, missing, cfg, family=None) -> dict:
         """`DiffPruningConfig` keyword arguments choosing what is diffed, head and frozen (the family's)."""
@@ -276,6 +308,9 @@ class BitFitMethod(DiffMethod):
 
     def state_bytes_per_parameter(self, cfg=None) -> float:
         return 0  # w, values, their gradients and moments exist for the bias entries only (~0.1% of a model)
+
+    def gradient_bytes_per_parameter(self, cfg=None) -> float:
+        return 0
 
     def selection(self, base, missing, cfg, family=None) -> dict:
         from .config import DiffPruningConfig

@@ -20,3 +20,14 @@ def test_llama_cpu_benchmark_on_a_tiny_llama(tmp_path):
     assert run["nnz"] == round(0.005 * run["n_diffed"]) and run["candidate_warmup"]["warmup_steps"] == 4
     assert run["peak_rss_gib"] > 0 and rec["model"]["shape"] == "llama-tiny"
     assert "trained: 8 steps" in (results / "llama_1b_cpu.md").read_text()
+
+    # a later run of another configuration keeps this row, with its date and command
+    assert llama_1b_cpu.main(["--shape", "llama-tiny", "--configs", "standard", "--rows", "4",
+                              "--work-dir", str(tmp_path / "work"), "--results-dir", str(results)]) == 0
+    rec2 = json.loads((results / "llama_1b_cpu.json").read_text())
+    assert [r["config"] for r in rec2["records"]] == ["standard", "candidates"]
+    kept = rec2["records"][1]
+    assert kept["nnz"] == run["nnz"] and kept["date"] == run["date"] == rec["date"]
+    assert kept["kept_from"]["command"] == rec["command"] and "kept_from" not in rec2["records"][0]
+    md = (results / "llama_1b_cpu.md").read_text()
+    assert "rows kept from earlier runs" in md and "trained: 8 steps" in md

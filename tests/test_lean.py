@@ -236,6 +236,35 @@ def test_state_estimate_follows_the_memory_options():
     # position and CSR column (8), and the step's theta + delta (4) per candidate
     assert m.state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean", candidates=0.1)) == pytest.approx(3.6)
     assert get_method("full").state_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean")) == 8
+    # of which gradients (made in backward as the activations are freed: `check_memory` counts the larger)
+    assert m.gradient_bytes_per_parameter(base) == 4 + 4
+    assert m.gradient_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean")) == 0  # stepped in backward
+    assert m.gradient_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean", candidates=0.1)) == \
+        pytest.approx(0.1 * (4 + 2))  # candidates: the step after backward, w's and alpha's gradients
+    assert m.gradient_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean", candidates=0.05)) == 0  # warm-up
+    assert get_method("full").gradient_bytes_per_parameter(base) == 4
+    assert get_method("bitfit").gradient_bytes_per_parameter(base) == 0
+    assert get_method("lora").gradient_bytes_per_parameter(base) == 0
+
+
+def test_memory_check_counts_the_larger_of_gradients_and_activations(monkeypatch):
+    """Backward makes the gradients while it frees the activations, and zero_grad drops them before the next
+    forward: a step holds the larger of the two, and the estimate refuses on that, not on their sum."""
+    from diffprune.training import TrainError, memory
+
+    base = torch.nn.Linear(1024, 1024)  # 1,049,600 parameters; full finetuning: 4 MiB of gradients, 8 of moments
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1024)
+    cfg = TrainConfig(output_dir="x", batch_size=2, max_seq_length=8)
+
+    def needs(acts_mib: float) -> str:
+        monkeypatch.setattr(memory, "activation_bytes", lambda base, cfg: int(acts_mib * 2**20))
+        with pytest.raises(TrainError) as e:
+            memory.check_memory(get_method("full"), base, torch.device("cpu"), cfg)
+        return str(e.value).split("needs about ")[1].split(":")[0]
+
+    assert needs(2) == "12.0 MiB"  # the 4 MiB of gradients outweigh the activations: state alone
+    assert needs(8) == "16.0 MiB"  # 8 MiB of moments + the activations
+    assert needs(0) == "12.0 MiB"
 
 
 def test_train_lean_with_candidates_end_to_end_and_resume(tmp_path, tiny_base, glue, monkeypatch):

@@ -62,7 +62,10 @@ def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int =
     """Refuse before training when the run clearly cannot fit in the memory available: the method's
     training state (`training_state`: only what it trains), the weights not yet in memory
     (`weights_to_page_in`) and the activations (`activation_bytes`, an estimate from the model's shape),
-    against the free memory. A run refused here could not have finished; one that passes may still be
+    against the free memory. The gradients in that state (`training_gradients`) are made in backward while
+    it frees the activations, and dropped before the next forward, so the larger of the two counts, not
+    their sum (benchmarks/results/train_cost.md, "live tensors, lean state": full finetuning and the lean
+    L0 stage peak when the forward ends, holding no gradient). A run refused here could not have finished; one that passes may still be
     tight (temporaries, the allocator's slack), but is not killed by the kernel hours in for want of
     what was plain at the start.
 
@@ -74,14 +77,21 @@ def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int =
     acts = int(activation_bytes(base, cfg) * sharing)
 
     def state(c):
+        """(state bytes, of which gradients, how the state adds up) for the run settings c."""
         if c is None:  # no run settings: every parameter at the method's standard rate
             n = sum(p.numel() for p in base.parameters())
             per = method.state_bytes_per_parameter(None)
-            return int(n * per), f"{per:g} bytes for each of the {n:,} parameters"
-        return method.training_state(base, list(missing), c, family)
+            grads = int(n * method.gradient_bytes_per_parameter(None))
+            return int(n * per), grads, f"{per:g} bytes for each of the {n:,} parameters"
+        bytes_, how = method.training_state(base, list(missing), c, family)
+        return bytes_, method.training_gradients(base, list(missing), c, family), how
 
-    bytes_, how = state(cfg)
-    need = int(bytes_ * scale) + weights + acts
+    def total(c) -> int:
+        bytes_, grads, _ = state(c)
+        return int((bytes_ - grads) * scale) + weights + max(acts, int(grads * scale))
+
+    bytes_, grads, how = state(cfg)
+    need = total(cfg)
     have = available_memory(device)
     if have is None or need <= have:
         return
@@ -96,14 +106,16 @@ def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int =
                              ("--memory lean --candidates 0.05", {"memory": "lean", "candidates": 0.05})):
             if all(getattr(cfg, k, None) == v for k, v in extra.items()):
                 continue  # what this run already does
-            alt = int(state(dataclasses.replace(cfg, **extra))[0] * scale) + weights + acts
-            hints.append(f"{label}: about {size(alt)}")
+            hints.append(f"{label}: about {size(total(dataclasses.replace(cfg, **extra)))}")
     hint = ("; " + "; ".join(hints)) if hints else ""
     parts = [f"{size(int(bytes_ * scale))} of training state ({how})"]
     if weights:
         parts.append(f"{size(weights)} of weights not in memory yet")
     if acts:
-        parts.append(f"about {size(acts)} of activations at batch {cfg.batch_size} x {cfg.max_seq_length}")
+        overlap = min(acts, int(grads * scale))  # what the peak never holds twice (`total`)
+        parts.append(f"about {size(acts)} of activations at batch {cfg.batch_size} x {cfg.max_seq_length}"
+                     + (f" - {size(overlap)} (the state's gradients are made in backward as the activations are "
+                        "freed)" if overlap else ""))
     where = ""
     if sharing > 1 or shards > 1:
         where = (f" ({sharing} process{'es' if sharing > 1 else ''} in this memory, each holding "
