@@ -68,8 +68,6 @@ def resolve(memory: str, overrides: dict, accelerator: bool, candidates: float |
     return opts
 
 
-
-
 def _squared_norm(g: torch.Tensor) -> torch.Tensor:
     """sum(g**2) in fp32, block by block: no full-size temporary (a bf16 gradient is not cast whole, and
     fp32 `vector_norm` over tens of millions of entries is off by ~0.3% on CPU), as accurate as

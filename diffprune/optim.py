@@ -96,9 +96,10 @@ _WORKSPACES: dict = {}
 
 
 def _workspace(device: torch.device) -> torch.Tensor:
-    """Four fp32 chunks (`diffprune.blocks`: 2 MiB on the CPU, 64 MiB elsewhere) per device, allocated once: every bf16 tensor's step, inside backward
-    with the activations alive too, reuses them (a fresh 2 MiB per tensor and step measured ~100 MiB
-    more peak memory on bert-base, from the heap fragmenting around them)."""
+    """Four fp32 chunks (`diffprune.blocks`: 2 MiB on the CPU, 64 MiB elsewhere) per device, allocated
+    once: every bf16 tensor's step, inside backward with the activations alive too, reuses them (a fresh
+    2 MiB per tensor and step measured ~100 MiB more peak memory on bert-base, from the heap fragmenting
+    around them)."""
     key, chunk = str(device), blocks.size(device)
     if key not in _WORKSPACES or _WORKSPACES[key].shape[1] < chunk:
         _WORKSPACES[key] = torch.empty(4, chunk, dtype=torch.float32, device=device)

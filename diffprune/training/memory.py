@@ -65,9 +65,9 @@ def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int =
     against the free memory. The gradients in that state (`training_gradients`) are made in backward while
     it frees the activations, and dropped before the next forward, so the larger of the two counts, not
     their sum (benchmarks/results/train_cost.md, "live tensors, lean state": full finetuning and the lean
-    L0 stage peak when the forward ends, holding no gradient). A run refused here could not have finished; one that passes may still be
-    tight (temporaries, the allocator's slack), but is not killed by the kernel hours in for want of
-    what was plain at the start.
+    L0 stage peak when the forward ends, holding no gradient). A run refused here could not have
+    finished; one that passes may still be tight (temporaries, the allocator's slack), but is not killed
+    by the kernel hours in for want of what was plain at the start.
 
     `shards`: the processes --fsdp spreads state and weights over (each holds 1/shards of them);
     `sharing`: the processes whose memory this is (on a CPU every process of the machine: two ranks on
