@@ -90,9 +90,16 @@ class Method:
         per = self.state_bytes_per_parameter(cfg)
         return int(n * per), f"{per:g} bytes for each of the {n:,} parameters"
 
-    def training_gradients(self, base, missing: list[str], cfg, family=None) -> int:
-        """Bytes of `training_state` that are gradients (`gradient_bytes_per_parameter`)."""
-        return int(sum(p.numel() for p in base.parameters()) * self.gradient_bytes_per_parameter(cfg))
+    def effective_bytes_per_parameter(self, cfg=None) -> float:
+        """The part of `state_bytes_per_parameter` that is effective weights (theta + delta, diff methods
+        without recomputation): each layer's lives from its forward to its backward, like the activations."""
+        return 0
+
+    def training_transients(self, base, missing: list[str], cfg, family=None) -> tuple[int, int]:
+        """Bytes of `training_state` alive only around the forward's end (effective weights) and only around
+        the backward's end (gradients): `check_memory` counts the larger side, not both."""
+        n = sum(p.numel() for p in base.parameters())
+        return int(n * self.effective_bytes_per_parameter(cfg)), int(n * self.gradient_bytes_per_parameter(cfg))
 
     # ---- training -----------------------------------------------------------------------------------
     def phases(self, cfg) -> list[Phase]:
@@ -158,7 +165,7 @@ class DiffMethod(Method):
         w = wb * (1 + grads) + (4 if opts["moments_dtype"] == "bf16" or wb == 2 else 8)
         a = (2 if opts["alpha_dtype"] == "bf16" else 4) if self.use_gates else 0
         alpha = a * (1 + grads) + 2 * a
-        effective = 0 if opts["recompute_weights"] else 4
+        effective = self.effective_bytes_per_parameter(cfg)
         c = getattr(cfg, "candidates", None) if self.use_gates else None
         if c is None:
             return w + alpha + effective
@@ -173,8 +180,8 @@ class DiffMethod(Method):
         c = getattr(cfg, "candidates", None) if self.use_gates else None
         if c is None:
             return wb + a
-        effective = 0 if opts["recompute_weights"] else 4  # (the warm-up holds one tensor's gradient at a time)
-        return c * (wb + a) if self.state_bytes_per_parameter(cfg) - effective > 2.0 else 0
+        # (the warm-up holds one tensor's gradient at a time)
+        return c * (wb + a) if self.state_bytes_per_parameter(cfg) - self.effective_bytes_per_parameter(cfg) > 2.0 else 0
 
     def _counts(self, base, missing, cfg, family) -> dict:
         """Entries diffed and in the head: only what is diffed carries diff state (the family's frozen tensors,
@@ -201,10 +208,14 @@ class DiffMethod(Method):
             text += f", {head} for each of the {counts['head']:,} head parameters"
         return int(counts["diff"] * per + counts["head"] * head), text
 
-    def training_gradients(self, base, missing, cfg, family=None):
+    def effective_bytes_per_parameter(self, cfg=None) -> float:
+        return 0 if _options(cfg)["recompute_weights"] else 4
+
+    def training_transients(self, base, missing, cfg, family=None):
         counts = self._counts(base, missing, cfg, family)
         head = 0 if _options(cfg)["optimizer_in_backward"] else 4
-        return int(counts["diff"] * self.gradient_bytes_per_parameter(cfg) + counts["head"] * head)
+        return (int(counts["diff"] * self.effective_bytes_per_parameter(cfg)),
+                int(counts["diff"] * self.gradient_bytes_per_parameter(cfg) + counts["head"] * head))
 
     def selection(self, base, missing, cfg, family=None) -> dict:
         """`DiffPruningConfig` keyword arguments choosing what is diffed, head and frozen (the family's)."""
@@ -310,6 +321,9 @@ class BitFitMethod(DiffMethod):
         return 0  # w, values, their gradients and moments exist for the bias entries only (~0.1% of a model)
 
     def gradient_bytes_per_parameter(self, cfg=None) -> float:
+        return 0
+
+    def effective_bytes_per_parameter(self, cfg=None) -> float:
         return 0
 
     def selection(self, base, missing, cfg, family=None) -> dict:

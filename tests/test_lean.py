@@ -245,6 +245,10 @@ def test_state_estimate_follows_the_memory_options():
     assert get_method("full").gradient_bytes_per_parameter(base) == 4
     assert get_method("bitfit").gradient_bytes_per_parameter(base) == 0
     assert get_method("lora").gradient_bytes_per_parameter(base) == 0
+    # and effective weights (theta + delta per layer, from its forward to its backward) unless recomputed
+    assert m.effective_bytes_per_parameter(base) == 4
+    assert m.effective_bytes_per_parameter(TrainConfig(output_dir="x", memory="lean")) == 0
+    assert get_method("full").effective_bytes_per_parameter(base) == 0
 
 
 def test_memory_check_counts_the_larger_of_gradients_and_activations(monkeypatch):

@@ -159,7 +159,7 @@ def test_training_state_that_cannot_fit_is_refused_before_anything_is_written(tm
     with pytest.raises(TrainError, match=r"--method structured needs about 35.9 MiB: 34.3 MiB of training state \(36 bytes "
                        r"for each of the 999,072 diffed parameters, 12 for each of the 66 head parameters\) \+ about 9.2 MiB "
                        r"of activations at batch 8 x 128 - 7.6 MiB \(the state's gradients are made in backward as the "
-                       r"activations are freed\), and 0.0 MiB is available; --memory lean: about 26.4 MiB; "
+                       r"activations and effective weights are freed\), and 0.0 MiB is available; --memory lean: about 26.4 MiB; "
                        r"--memory lean --w-dtype bf16: about 20.7 MiB; "
                        r"--memory lean --candidates 0.05: about 11.2 MiB.*--skip-memory-check"):
         train(cfg)

@@ -62,10 +62,11 @@ def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int =
     """Refuse before training when the run clearly cannot fit in the memory available: the method's
     training state (`training_state`: only what it trains), the weights not yet in memory
     (`weights_to_page_in`) and the activations (`activation_bytes`, an estimate from the model's shape),
-    against the free memory. The gradients in that state (`training_gradients`) are made in backward while
-    it frees the activations, and dropped before the next forward, so the larger of the two counts, not
-    their sum (benchmarks/results/train_cost.md, "live tensors, lean state": full finetuning and the lean
-    L0 stage peak when the forward ends, holding no gradient). A run refused here could not have
+    against the free memory. The gradients in that state are made in backward while it frees the
+    activations (and the effective weights of the diff methods that do not recompute them), and are dropped
+    before the next forward, so the larger side counts, not their sum (`training_transients`;
+    benchmarks/results/train_cost.md, "live tensors, lean state": full finetuning and the lean L0 stage
+    peak when the forward ends, holding no gradient). A run refused here could not have
     finished; one that passes may still be tight (temporaries, the allocator's slack), but is not killed
     by the kernel hours in for want of what was plain at the start.
 
@@ -77,20 +78,24 @@ def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int =
     acts = int(activation_bytes(base, cfg) * sharing)
 
     def state(c):
-        """(state bytes, of which gradients, how the state adds up) for the run settings c."""
+        """(state bytes, how they add up, the part of them that backward's gradients and the forward's
+        effective weights and activations never hold at once) for the run settings c."""
         if c is None:  # no run settings: every parameter at the method's standard rate
             n = sum(p.numel() for p in base.parameters())
             per = method.state_bytes_per_parameter(None)
-            grads = int(n * method.gradient_bytes_per_parameter(None))
-            return int(n * per), grads, f"{per:g} bytes for each of the {n:,} parameters"
-        bytes_, how = method.training_state(base, list(missing), c, family)
-        return bytes_, method.training_gradients(base, list(missing), c, family), how
+            bytes_, how = int(n * per), f"{per:g} bytes for each of the {n:,} parameters"
+            effective, grads = int(n * method.effective_bytes_per_parameter(None)), \
+                int(n * method.gradient_bytes_per_parameter(None))
+        else:
+            bytes_, how = method.training_state(base, list(missing), c, family)
+            effective, grads = method.training_transients(base, list(missing), c, family)
+        return int(bytes_ * scale), how, min(acts + int(effective * scale), int(grads * scale))
 
     def total(c) -> int:
-        bytes_, grads, _ = state(c)
-        return int((bytes_ - grads) * scale) + weights + max(acts, int(grads * scale))
+        bytes_, _, overlap = state(c)
+        return bytes_ + weights + acts - overlap
 
-    bytes_, grads, how = state(cfg)
+    bytes_, how, overlap = state(cfg)
     need = total(cfg)
     have = available_memory(device)
     if have is None or need <= have:
@@ -108,20 +113,19 @@ def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int =
                 continue  # what this run already does
             hints.append(f"{label}: about {size(total(dataclasses.replace(cfg, **extra)))}")
     hint = ("; " + "; ".join(hints)) if hints else ""
-    parts = [f"{size(int(bytes_ * scale))} of training state ({how})"]
+    parts = [f"{size(bytes_)} of training state ({how})"]
     if weights:
         parts.append(f"{size(weights)} of weights not in memory yet")
     if acts:
-        overlap = min(acts, int(grads * scale))  # what the peak never holds twice (`total`)
-        parts.append(f"about {size(acts)} of activations at batch {cfg.batch_size} x {cfg.max_seq_length}"
-                     + (f" - {size(overlap)} (the state's gradients are made in backward as the activations are "
-                        "freed)" if overlap else ""))
+        parts.append(f"about {size(acts)} of activations at batch {cfg.batch_size} x {cfg.max_seq_length}")
+    less = (f" - {size(overlap)} (the state's gradients are made in backward as the activations and effective "
+            "weights are freed)") if overlap else ""
     where = ""
     if sharing > 1 or shards > 1:
         where = (f" ({sharing} process{'es' if sharing > 1 else ''} in this memory, each holding "
                  f"{'1/' + str(shards) if shards > 1 else 'all'} of the state)")
     raise TrainError(
-        f"--method {method.name} needs about {size(need)}: {' + '.join(parts)}{where}, and {size(have)} is "
+        f"--method {method.name} needs about {size(need)}: {' + '.join(parts)}{less}{where}, and {size(have)} is "
         f"available{hint}; or use a smaller model or batch, --method lora, or a machine with more memory (or pass "
         "--skip-memory-check to try anyway)"
     )
