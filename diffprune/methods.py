@@ -161,9 +161,8 @@ class DiffMethod(Method):
         # every entry (with --memory lean the gradients stay: `lean.LEAN`).
         opts = _options(cfg)
         grads = 0 if opts["optimizer_in_backward"] else 1
-        wb = 2 if opts["w_dtype"] == "bf16" and self.use_gates else 4
+        wb, a = self._entry_bytes(opts)
         w = wb * (1 + grads) + (4 if opts["moments_dtype"] == "bf16" or wb == 2 else 8)
-        a = (2 if opts["alpha_dtype"] == "bf16" else 4) if self.use_gates else 0
         alpha = a * (1 + grads) + 2 * a
         effective = self.effective_bytes_per_parameter(cfg)
         c = getattr(cfg, "candidates", None) if self.use_gates else None
@@ -171,12 +170,16 @@ class DiffMethod(Method):
             return w + alpha + effective
         return max(2.0, c * (w + alpha + 12)) + effective
 
+    def _entry_bytes(self, opts: dict) -> tuple[int, int]:
+        """Bytes of one entry of w and of alpha (0: no gates) under the memory options `opts`."""
+        wb = 2 if opts["w_dtype"] == "bf16" and self.use_gates else 4
+        return wb, (2 if opts["alpha_dtype"] == "bf16" else 4) if self.use_gates else 0
+
     def gradient_bytes_per_parameter(self, cfg=None) -> float:
         opts = _options(cfg)
         if opts["optimizer_in_backward"]:
             return 0
-        wb = 2 if opts["w_dtype"] == "bf16" and self.use_gates else 4
-        a = (2 if opts["alpha_dtype"] == "bf16" else 4) if self.use_gates else 0
+        wb, a = self._entry_bytes(opts)
         c = getattr(cfg, "candidates", None) if self.use_gates else None
         if c is None:
             return wb + a

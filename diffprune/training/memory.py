@@ -12,6 +12,7 @@ import torch
 
 from .._io import proc_bytes
 from ..errors import TrainError
+from ..methods import Method
 from .checkpoints import Position
 from .config import TrainConfig
 from .distributed import local_indices, permutation
@@ -80,15 +81,10 @@ def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int =
     def state(c):
         """(state bytes, how they add up, the part of them that backward's gradients and the forward's
         effective weights and activations never hold at once) for the run settings c."""
-        if c is None:  # no run settings: every parameter at the method's standard rate
-            n = sum(p.numel() for p in base.parameters())
-            per = method.state_bytes_per_parameter(None)
-            bytes_, how = int(n * per), f"{per:g} bytes for each of the {n:,} parameters"
-            effective, grads = int(n * method.effective_bytes_per_parameter(None)), \
-                int(n * method.gradient_bytes_per_parameter(None))
-        else:
-            bytes_, how = method.training_state(base, list(missing), c, family)
-            effective, grads = method.training_transients(base, list(missing), c, family)
+        # no run settings: every parameter at the method's standard rate (`Method`'s own rule)
+        owner = type(method) if c is not None else Method
+        bytes_, how = owner.training_state(method, base, list(missing), c, family)
+        effective, grads = owner.training_transients(method, base, list(missing), c, family)
         return int(bytes_ * scale), how, min(acts + int(effective * scale), int(grads * scale))
 
     def total(c) -> int:
