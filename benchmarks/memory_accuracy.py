@@ -39,6 +39,7 @@ CONFIGS = {
     "lean": ("dense L0, `--memory lean` (in-backward AdamW, bf16 alpha, recomputed weights)", {"memory": "lean"}),
     "lean_m16": ("dense L0, `--memory lean --moments-dtype bf16`", {"memory": "lean", "moments_dtype": "bf16"}),
     "lean_w16": ("dense L0, `--memory lean --w-dtype bf16`", {"memory": "lean", "w_dtype": "bf16"}),
+    "lean_factored": ("dense L0, `--memory lean --moments-dtype factored`", {"memory": "lean", "moments_dtype": "factored"}),
     "in_backward": ("dense L0, `--optimizer-in-backward` only", {"optimizer_in_backward": True}),
     "alpha_bf16": ("dense L0, `--alpha-dtype bf16` only", {"alpha_dtype": "bf16"}),
     # candidates at the dense L0's w learning rate, 1e-4 (the library's default with --candidates until 2026-12-07)

@@ -74,6 +74,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 CONFIGS = ("full", "l0", "l0_structured", "fixed", "lora_qv8", "lora_all32", "l0_lean", "l0_lean_m16", "l0_lean_w16",
+           "l0_lean_factored",
            "l0_lean_compiled", "l0_lean_w16_compiled", "candidates", "candidates_dense_grad", "candidates_in_backward")
 TITLES = {
     "full": "full finetuning (AdamW)",
@@ -85,6 +86,7 @@ TITLES = {
     "l0_lean": "diffprune L0 stage, --memory lean",
     "l0_lean_m16": "diffprune L0 stage, --memory lean --moments-dtype bf16",
     "l0_lean_w16": "diffprune L0 stage, --memory lean --w-dtype bf16",
+    "l0_lean_factored": "diffprune L0 stage, --memory lean --moments-dtype factored",
     "l0_lean_compiled": "diffprune L0 stage, --memory lean --compile-gates",
     "l0_lean_w16_compiled": "diffprune L0 stage, --memory lean --w-dtype bf16 --compile-gates",
     "candidates": "diffprune candidate L0 (5%), --memory lean, warm-up included",
@@ -316,7 +318,7 @@ def setup(config: str, model, adamw: str, lr: float = 2e-5, batch: dict | None =
         dm.project(0.005)
         gc.collect()
         groups = dm.param_groups(lr=5e-5)
-    elif config in ("l0_lean", "l0_lean_m16", "l0_lean_w16", "l0_lean_compiled", "l0_lean_w16_compiled", "candidates",
+    elif config in ("l0_lean", "l0_lean_m16", "l0_lean_w16", "l0_lean_factored", "l0_lean_compiled", "l0_lean_w16_compiled", "candidates",
                     "candidates_dense_grad", "candidates_in_backward"):
         # --memory lean: gate logits in bf16, effective weights recomputed in backward, the AdamW
         # step inside backward (its clipping: the previous step's norm, so `step` does not clip) except
@@ -343,6 +345,9 @@ def setup(config: str, model, adamw: str, lr: float = 2e-5, batch: dict | None =
             grp.update(impl)
         if config == "l0_lean_m16":
             groups[0]["state_dtype"] = "bf16"  # w's moments
+        if config == "l0_lean_factored":
+            for grp in groups[:2]:  # w's and alpha's (`DiffMethod.param_groups`)
+                grp["state_dtype"] = "factored"
         if in_backward:
             opt = OptimizerInBackward(groups, max_grad_norm=1.0, weight_decay=0.0)
         else:

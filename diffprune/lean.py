@@ -24,6 +24,10 @@ from . import blocks, optim
 from .errors import ConfigError
 
 MEMORY_MODES = ("standard", "lean")
+MOMENTS = ("fp32", "bf16", "factored")
+"""How the L0 stage's AdamW moments are kept (`--moments-dtype`): fp32; bf16 (w's, stochastically rounded;
+alpha's follow `--alpha-dtype`); factored (w's and alpha's: a bf16 first moment and Adafactor's factored
+second moment per matrix, `diffprune.factored`)."""
 
 LEAN = {"optimizer_in_backward": True, "alpha_dtype": "bf16", "recompute_weights": True, "theta_dtype": "bf16",
         "moments_dtype": "fp32", "w_dtype": "fp32"}
@@ -58,8 +62,11 @@ def resolve(memory: str, overrides: dict, accelerator: bool, candidates: float |
         raise ConfigError(f"--alpha-dtype {opts['alpha_dtype']!r} is not one of fp32, bf16")
     if opts["w_dtype"] not in ("fp32", "bf16"):
         raise ConfigError(f"--w-dtype {opts['w_dtype']!r} is not one of fp32, bf16")
-    if opts["moments_dtype"] not in ("fp32", "bf16"):
-        raise ConfigError(f"--moments-dtype {opts['moments_dtype']!r} is not one of fp32, bf16")
+    if opts["moments_dtype"] not in MOMENTS:
+        raise ConfigError(f"--moments-dtype {opts['moments_dtype']!r} is not one of {', '.join(MOMENTS)}")
+    if opts["moments_dtype"] == "factored" and candidates is not None:
+        raise ConfigError("--moments-dtype factored factors the dense L0 stage's matrices; a candidate L0 stage trains "
+                          "vectors of candidates: use --moments-dtype bf16 with --candidates")
     if opts["theta_dtype"] == "bf16" and not accelerator:
         raise ConfigError(
             "--theta-dtype bf16 keeps the frozen weights in bfloat16, and bfloat16 matmuls on this CPU are about "

@@ -162,8 +162,9 @@ class DiffMethod(Method):
         opts = _options(cfg)
         grads = 0 if opts["optimizer_in_backward"] else 1
         wb, a = self._entry_bytes(opts)
-        w = wb * (1 + grads) + (4 if opts["moments_dtype"] == "bf16" or wb == 2 else 8)
-        alpha = a * (1 + grads) + 2 * a
+        factored = opts["moments_dtype"] == "factored"  # a bf16 first moment (the factored sums: rows + columns)
+        w = wb * (1 + grads) + (2 if factored else 4 if opts["moments_dtype"] == "bf16" or wb == 2 else 8)
+        alpha = a * (1 + grads) + (min(2, a) if factored else 2 * a)
         effective = self.effective_bytes_per_parameter(cfg)
         c = getattr(cfg, "candidates", None) if self.use_gates else None
         if c is None:
@@ -252,8 +253,12 @@ class DiffMethod(Method):
     def param_groups(self, model, phase, cfg):
         head_lr = (cfg.head_lr or phase.lr) if phase.name == "l0" else phase.lr
         groups = model.param_groups(lr=phase.lr, alpha_lr=cfg.alpha_lr, head_lr=head_lr)
-        if phase.name == "l0" and _options(cfg)["moments_dtype"] == "bf16":
+        moments = _options(cfg)["moments_dtype"]
+        if phase.name == "l0" and moments == "bf16":
             groups[0]["state_dtype"] = "bf16"  # w's group (`DiffModel.param_groups` puts it first)
+        if phase.name == "l0" and moments == "factored":
+            for group in groups[:2 if self.use_gates else 1]:  # w's and alpha's
+                group["state_dtype"] = "factored"
         return groups
 
     def start_phase(self, model, phase):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import blocks
+from . import blocks, factored
 from .noise import Noise
 
 # Per entry of a bf16 tensor with bf16 moments, one idle core: 4.0 ns against 5.6 for the eager chunk
@@ -115,8 +115,13 @@ def _packable(p: torch.Tensor) -> bool:
 
 
 def _low(group: dict, p: torch.Tensor) -> bool:
-    """Whether `p` takes the bf16 path: a bf16 tensor, or a group asking for bf16 moments."""
-    return p.dtype in _LOW or group.get("state_dtype") == "bf16"
+    """Whether `p` is stepped here rather than by torch's AdamW: a bf16 tensor, or a group asking for bf16
+    or factored moments (a tensor with nothing to factor takes bf16 moments, `diffprune.factored`)."""
+    return p.dtype in _LOW or group.get("state_dtype") in ("bf16", "factored")
+
+
+def _factored(group: dict, p: torch.Tensor) -> bool:
+    return group.get("state_dtype") == "factored" and factored.factorable(p)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -140,7 +145,9 @@ def _flat_offset(t: torch.Tensor) -> int:
 class AdamW(torch.optim.AdamW):
     """torch.optim.AdamW, except that bfloat16 parameters are stepped in fp32 and rounded back
     stochastically (see the module docstring), and so are the moments of a group with
-    ``"state_dtype": "bf16"`` (fp32 parameters with bf16 moments: 4 bytes per entry instead of 8). A tensor's random bits are keyed by (`seed`, step,
+    ``"state_dtype": "bf16"`` (fp32 parameters with bf16 moments: 4 bytes per entry instead of 8); a group with
+    ``"state_dtype": "factored"`` keeps a bf16 first moment and a factored second moment for each matrix
+    (`diffprune.factored`: 2 bytes per entry). A tensor's random bits are keyed by (`seed`, step,
     `first_index` + its index in the groups): `diffprune.lean.OptimizerInBackward`, one optimiser
     per tensor, passes each tensor's index so that it draws what one optimiser over all would."""
 
@@ -150,7 +157,15 @@ class AdamW(torch.optim.AdamW):
         self.first_index = first_index
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)  # (torch casts moments to each parameter's dtype)
+        # torch casts every state tensor to its parameter's dtype: the factored sums stay fp32
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        sums = {}
+        for i, p in zip(ids, params):
+            st = state_dict["state"].get(i, {})
+            if "exp_avg_sq_row" in st:
+                sums[p] = {k: st[k].to(device=p.device, dtype=torch.float32) for k in ("exp_avg_sq_row", "exp_avg_sq_col")}
+        super().load_state_dict(state_dict)
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p)
@@ -158,6 +173,8 @@ class AdamW(torch.optim.AdamW):
                     for k in ("exp_avg", "exp_avg_sq"):
                         if k in st:
                             st[k] = st[k].to(torch.bfloat16)
+                if p in sums:
+                    st.update(sums[p])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -181,7 +198,9 @@ class AdamW(torch.optim.AdamW):
                 group["params"] = params
         packs: dict = {}
         for group, i, p in low:
-            if _packable(p):  # small tensors: stepped together, one pass (`_step_pack`)
+            if _factored(group, p):
+                self._step_factored(group, i, p)
+            elif _packable(p):  # small tensors: stepped together, one pass (`_step_pack`)
                 packs.setdefault(id(group), (group, []))[1].append((i, p))
             else:
                 self._step_low(group, i, p)
@@ -196,6 +215,12 @@ class AdamW(torch.optim.AdamW):
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.preserve_format)
         return state
+
+    def _step_factored(self, group: dict, index: int, p: torch.Tensor) -> None:
+        if p not in self.state or not self.state[p]:
+            self.state[p] = factored.init_state(p)
+        noise = Noise((self.seed, int(self.state[p]["step"].item()) + 1, index), p.device)
+        factored.step_(p, self.state[p], group, lambda dst, src: stochastic_round_(dst, src, _halves(noise, src.numel())[0]))
 
     def _step_packs(self, group: dict, members: list[tuple[int, torch.Tensor]]) -> None:
         """Step small tensors of one group in packs of up to one chunk, the result that of `_step_low`

@@ -401,3 +401,28 @@ def test_benchmark_memory_split_shows_the_memory_after_forward_only_where_measur
     assert "| full finetuning (AdamW) | 0 | 1 | 2 | 0 | 3 | 5 |" in with_column
     assert "| 4 | - |" in with_column  # l0_lean: 4.5 MiB peak shown rounded, its after-forward not measured
     assert "in use after forward" not in bench.render_md({"runs": {"a": run(None)}, "profiles": {}})
+
+
+def test_benchmark_lean_factored_keeps_two_bytes_of_moments_per_matrix_entry():
+    """l0_lean_factored: w's and alpha's matrices keep a bf16 first moment and the row and column sums only;
+    vectors (biases, LayerNorm) bf16 moments; the breakdown counts exactly that."""
+    bench = _bench_module()
+    model = bench.build_model("tiny")
+    batch = bench.make_batch(model, 2, 16, torch.device("cpu"))
+    module, opt, params = bench.setup("l0_lean_factored", model, "fused")
+    before = [p.detach().clone() for p in params]
+    for _ in range(2):
+        module(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert all(not torch.equal(a, b) for a, b in zip(before, params) if a.dim() >= 2)
+    slot_params = {id(p) for p in module.slots.parameters()}
+    expected = 0
+    for p in params:
+        if id(p) not in slot_params:  # the head: torch's fp32 moments
+            expected += 8 * p.numel() + 4
+        elif p.dim() >= 2:
+            expected += 2 * p.numel() + 4 * (p.numel() // p.shape[-1] + p.shape[-1]) + 4
+        else:
+            expected += 4 * p.numel() + 4
+    assert bench._breakdown(module, model, opt, params)["optimizer_state"] == expected

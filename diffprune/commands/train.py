@@ -35,6 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..config import GROUP_PENALTIES
     from ..tasks import GLUE_TASKS
     from ..methods import METHODS
+    from ..lean import MOMENTS
     from ..training import TrainConfig
 
     d = TrainConfig(output_dir="")
@@ -110,9 +111,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--w-dtype", choices=("fp32", "bf16"), default=None,
                    help="the L0 stage's diff values w and their moments (bf16: stochastically rounded; not in "
                         "--memory lean until its accuracy is measured)")
-    g.add_argument("--moments-dtype", choices=("fp32", "bf16"), default=None,
-                   help="the L0 stage's AdamW moments of w (bf16: stochastically rounded; not in --memory lean "
-                        "until its accuracy is measured)")
+    g.add_argument("--moments-dtype", choices=MOMENTS, default=None,
+                   help="the L0 stage's AdamW moments (bf16: w's, stochastically rounded; factored: w's and alpha's "
+                        "first moment in bf16 and the second moment factored over each matrix's rows and columns, "
+                        "as Adafactor does; neither is in --memory lean until its accuracy is measured)")
     g.add_argument("--recompute-weights", type=_bool, default=None, metavar="{true,false}",
                    help="recompute each layer's theta + delta in backward instead of keeping it")
     g.add_argument("--theta-dtype", choices=("fp32", "bf16"), default=None,

@@ -187,6 +187,9 @@ class TrainConfig:
             if self.candidates is not None:
                 raise ConfigError("--fsdp with --candidates is not supported yet: drop one (the candidate state is "
                                   "already c * n, --fsdp shards the dense L0 state)")
+            if self.moments_dtype == "factored":
+                raise ConfigError("--fsdp with --moments-dtype factored is not supported: a shard holds part of a "
+                                  "matrix's rows or columns; use --moments-dtype bf16")
         if self.stop_after not in (None, "l0"):
 
             raise ConfigError(f"--stop-after {self.stop_after!r}: the one stage a run can stop after is l0")
