@@ -20,6 +20,10 @@ def test_llama_cpu_benchmark_on_a_tiny_llama(tmp_path):
     assert run["nnz"] == round(0.005 * run["n_diffed"]) and run["candidate_warmup"]["warmup_steps"] == 4
     assert run["peak_rss_gib"] > 0 and rec["model"]["shape"] == "llama-tiny"
     assert "trained: 8 steps" in (results / "llama_1b_cpu.md").read_text()
+    # the paces come from the training seconds the evaluations log: 4 steps of each phase + the warm-up
+    pace = run["seconds_per_step"]
+    total = 4 * pace["l0"] + 4 * pace["fixed"] + run["candidate_warmup"]["seconds"]
+    assert pace["l0"] > 0 and pace["fixed"] > 0 and abs(total - run["train_seconds"]) < 0.02 * run["train_seconds"]
 
     # a later run of another configuration keeps this row, with its date and command
     assert llama_1b_cpu.main(["--shape", "llama-tiny", "--configs", "standard", "--rows", "4",

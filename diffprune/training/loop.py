@@ -331,7 +331,7 @@ class _Trainer:
         d = density(self.model)
         rec = {"step": self.pos.global_step, "phase": phase.name,
                "epoch": round(epoch + (step + 1) / self.steps_per_epoch, 4), "loss": mean_loss,
-               "lr": optimizer.param_groups[0]["lr"], "examples_per_s": round(rate, 2)}
+               "lr": optimizer.param_groups[0]["lr"], "examples_per_s": float(f"{rate:.4g}")}  # 4 significant digits (a 1B model's 0.0147 is not 0.01)
         if d is not None:
             rec["density"] = d
         self.log(rec)
@@ -351,7 +351,7 @@ class _Trainer:
         if d is not None:
             record["density"] = d
         pos.epoch_records.append(record)
-        self.log({"event": "eval", **record})
+        self.log({"event": "eval", **record, "train_seconds": round(pos.train_seconds, 3)})  # (the run's so far)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         self.say(f"{phase.name} epoch {epoch + 1}/{phase.epochs}: {shown} (score {record['score']:.2f})")
         pos.epoch, pos.step = epoch + 1, 0
