@@ -44,6 +44,10 @@ import _env  # noqa: E402
 from diffprune import blocks, gates, optim  # noqa: E402
 from diffprune.noise import Noise  # noqa: E402
 
+# the kernel sections (`--sections`: their short names)
+SECTIONS = {"gate noise": "noise", "gate expression (noise excluded)": "gate",
+            "recomputed weight + gates' backward": "backward", "AdamW step": "adamw"}
+
 RESULTS = Path(__file__).resolve().parent / "results"
 L, R = -0.1, 1.1
 BLOCK = blocks.CPU_BLOCK  # the blocks GatedDiff uses on a CPU
@@ -179,20 +183,34 @@ def adamw_steps(n: int, repeats: int) -> dict:
 
     fp32 = param(torch.float32)
     fused = torch.optim.AdamW([fp32], lr=0.1, weight_decay=0.0, fused=True)
-    return {"diffprune.optim.AdamW, bf16 tensor and moments": _best_ns(opt.step, n, repeats),
-            "eager chunk arithmetic (the step before 2026-12-06)": _best_ns(eager, n, repeats),
-            "torch fused AdamW, fp32": _best_ns(fused.step, n, repeats)}
+    out = {"diffprune.optim.AdamW, bf16 tensor and moments": _best_ns(opt.step, n, repeats),
+           "eager chunk arithmetic (the step before 2026-12-06)": _best_ns(eager, n, repeats),
+           "torch fused AdamW, fp32": _best_ns(fused.step, n, repeats)}
+    w16m = param(torch.float32)
+    out["diffprune.optim.AdamW, fp32 tensor, bf16 moments"] = _best_ns(
+        optim.AdamW([{"params": [w16m], "state_dtype": "bf16"}], lr=0.1, weight_decay=0.0).step, n, repeats)
+    cols = min(n, 768)  # as matrices of 768 columns (bert-base's hidden size)
+    rows = n // cols
+    for dtype, what in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        flat = param(dtype)
+        mat = torch.nn.Parameter(flat.detach()[: rows * cols].view(rows, cols).clone())
+        mat.grad = flat.grad[: rows * cols].view(rows, cols).clone()
+        step = optim.AdamW([{"params": [mat], "state_dtype": "factored"}], lr=0.1, weight_decay=0.0).step
+        out[f"diffprune.optim.AdamW, {what} matrix x {cols}, factored moments"] = _best_ns(step, rows * cols, repeats)
+    return out
 
 
-def lean_steps_ab(model_name: str, batch: int, seq_len: int, rounds: int, w16: bool = False) -> dict:
+def lean_steps_ab(model_name: str, batch: int, seq_len: int, rounds: int, w16: bool = False,
+                  factored: bool = False) -> dict:
     """Whole steps of `model_name` in one process: full finetuning (AdamW), the lean L0 stage with eager
-    gates and with compiled ones (and with `w16` the same with --w-dtype bf16), in rotating order each
-    round; the median step time of each and the ratios to full finetuning's."""
+    gates and with compiled ones (and with `w16` the same with --w-dtype bf16, with `factored` with eager
+    gates and --moments-dtype factored), in rotating order each round; the median step time of each and the
+    ratios to full finetuning's."""
     import statistics
 
     import train_cost as tc
 
-    configs = ["full", "l0_lean"] + (["l0_lean_w16"] if w16 else [])
+    configs = ["full", "l0_lean"] + (["l0_lean_w16"] if w16 else []) + (["l0_lean_factored"] if factored else [])
     built = {}
     for config in configs:
         model = tc.build_model(model_name)
@@ -202,6 +220,8 @@ def lean_steps_ab(model_name: str, batch: int, seq_len: int, rounds: int, w16: b
     if w16:
         arms.update({"lean --w-dtype bf16, eager gates": ("l0_lean_w16", False),
                      "lean --w-dtype bf16, compiled gates": ("l0_lean_w16", True)})
+    if factored:
+        arms["lean --moments-dtype factored, eager gates"] = ("l0_lean_factored", False)
 
     def step(which: str) -> float:
         config, compiled = arms[which]
@@ -245,10 +265,13 @@ def report(rec: dict) -> str:
         for variant, ns in vals.items():
             if isinstance(ns, float):
                 lines.append(f"| {section} | {variant} | {ns:.2f} |")
-    shape = rec["kernels"]["recomputed weight + gates' backward"]["tensor"]
-    what = " (bert-base's FFN matrix)" if tuple(shape) == (3072, 768) else ""
-    lines += ["", f"The recompute-and-backward rows include the training forward (the same in both) on a "
-              f"{shape[0]} x {shape[1]} tensor{what}.", ""]
+    if "recomputed weight + gates' backward" in rec["kernels"]:
+        shape = rec["kernels"]["recomputed weight + gates' backward"]["tensor"]
+        what = " (bert-base's FFN matrix)" if tuple(shape) == (3072, 768) else ""
+        lines += ["", f"The recompute-and-backward rows include the training forward (the same in both) on a "
+                  f"{shape[0]} x {shape[1]} tensor{what}.", ""]
+    else:
+        lines.append("")
     ab = rec.get("lean_steps")
     if ab:
         lines += [f"Whole steps of {ab['model']} at batch {ab['batch']} x {ab['seq_len']} in one process (`--step-model`), "
@@ -273,6 +296,9 @@ def main(argv=None) -> dict:
     p.add_argument("--step-seq-len", type=int, default=128)
     p.add_argument("--step-rounds", type=int, default=6)
     p.add_argument("--step-w16", action="store_true", help="also the lean stage with --w-dtype bf16, eager and compiled")
+    p.add_argument("--step-factored", action="store_true", help="also the lean stage with --moments-dtype factored (eager)")
+    p.add_argument("--sections", nargs="+", default=None, choices=list(SECTIONS.values()),
+                   help="only these kernel sections")
     p.add_argument("--note", default="")
     p.add_argument("--out", default=str(RESULTS / "gate_kernels"), help="results path without suffix")
     args = p.parse_args(argv)
@@ -281,14 +307,15 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     n = args.entries
     shape = (3072, 768) if n >= 3072 * 768 else (max(1, n // 64), 64)
-    kernels = {
-        "gate noise": noise_kernels(n, args.repeats),
-        "gate expression (noise excluded)": gate_expression(n, args.repeats, not args.no_compile),
-        "recomputed weight + gates' backward": recompute_and_backward(shape, args.repeats, not args.no_compile),
-        "AdamW step": adamw_steps(n, args.repeats),
+    sections = {
+        "gate noise": lambda: noise_kernels(n, args.repeats),
+        "gate expression (noise excluded)": lambda: gate_expression(n, args.repeats, not args.no_compile),
+        "recomputed weight + gates' backward": lambda: recompute_and_backward(shape, args.repeats, not args.no_compile),
+        "AdamW step": lambda: adamw_steps(n, args.repeats),
     }
+    kernels = {name: run() for name, run in sections.items() if args.sections is None or SECTIONS[name] in args.sections}
     steps_ab = lean_steps_ab(args.step_model, args.step_batch, args.step_seq_len, args.step_rounds,
-                             args.step_w16) if args.step_model else None
+                             args.step_w16, args.step_factored) if args.step_model else None
     rec = {"kernels": kernels, "lean_steps": steps_ab, "entries": n, "repeats": args.repeats, "threads": args.threads,
            "machine": _env.machine(), "versions": _env.versions(), "command": _env.command(),
            "date": _env.now(), "note": args.note}

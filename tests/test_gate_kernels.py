@@ -26,7 +26,9 @@ def test_gate_kernels_writes_every_row_and_its_baseline_step_is_the_old_arithmet
     kernels = rec["kernels"]
     assert set(kernels) == {"gate noise", "gate expression (noise excluded)", "recomputed weight + gates' backward", "AdamW step"}
     rows = [v for section in kernels.values() for v in section.values() if isinstance(v, float)]
-    assert len(rows) == 8 and all(v > 0 for v in rows)
+    assert len(rows) == 11 and all(v > 0 for v in rows)
+    assert set(kernels["AdamW step"]) >= {"diffprune.optim.AdamW, fp32 matrix x 768, factored moments",
+                                          "diffprune.optim.AdamW, bf16 matrix x 768, factored moments"}
     saved = json.loads((tmp_path / "gk.json").read_text())
     assert saved["kernels"] == json.loads(json.dumps(kernels)) and saved["command"].startswith("python ")
     md = (tmp_path / "gk.md").read_text()
@@ -48,6 +50,18 @@ def test_gate_kernels_writes_every_row_and_its_baseline_step_is_the_old_arithmet
         gk._eager_bf16_step(b, m, v, step)
     assert (a.detach().float() != b.detach().float()).float().mean() < 0.01
     torch.testing.assert_close(opt.state[a]["exp_avg"].float(), m.float(), rtol=0.01, atol=1e-6)
+
+
+def test_gate_kernels_runs_only_the_sections_asked_for(tmp_path):
+    gk = _module()
+    threads = torch.get_num_threads()
+    try:
+        rec = gk.main(["--entries", "3000", "--repeats", "1", "--no-compile", "--sections", "adamw",
+                       "--out", str(tmp_path / "gk")])
+    finally:
+        torch.set_num_threads(threads)
+    assert set(rec["kernels"]) == {"AdamW step"}
+    assert "diffprune.optim.AdamW, fp32 matrix x 768, factored moments" in (tmp_path / "gk.md").read_text()
 
 
 def test_whole_step_comparison_times_every_arm_and_reports_it(monkeypatch):
@@ -79,6 +93,10 @@ def test_whole_step_comparison_times_every_arm_and_reports_it(monkeypatch):
     torch.set_num_threads(threads)
     assert set(w16["ratio_to_full"]) == {"lean, eager gates", "lean, compiled gates", "lean --w-dtype bf16, eager gates",
                                          "lean --w-dtype bf16, compiled gates"}
+    fac = gk.lean_steps_ab("tiny", 2, 8, 1, factored=True)
+    torch.set_num_threads(threads)
+    assert set(fac["ratio_to_full"]) == {"lean, eager gates", "lean, compiled gates",
+                                         "lean --moments-dtype factored, eager gates"}
 
 
 def test_step_comparison_refuses_no_compile():
