@@ -1,9 +1,11 @@
 """Projection onto the L0 ball: keep exactly k entries of the diff, globally, by magnitude.
 
 Memory: one tensor at a time. The scores of a tensor are computed when needed (`score(name)`) and
-dropped; what is kept across tensors is each tensor's k largest scores (to find the global threshold)
-and the chosen positions, so the temporaries stay O(largest tensor + k x tensors), never O(n) for the
-whole model (at 0.47 B diffed entries, concatenating every score made a 17 GB peak)."""
+dropped; what is kept across tensors is the k largest scores seen so far (to find the global
+threshold; merged with each tensor's own k largest) and the chosen positions, so the temporaries stay
+O(largest tensor + k), never O(n) for the whole model (at 0.47 B diffed entries, concatenating every
+score made a 17 GB peak) nor O(k x tensors) (each tensor's k largest kept until the end: 4.4 GB on a
+1.24B Llama at 0.5%, the peak of its run)."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def global_topk_positions(
     and without a tiebreak they would be the first entries of the first tensor (typically the
     embedding rows of padding and unused tokens)."""
     names = list(names)
-    sizes, tops, threshold_device = {}, [], None
+    sizes, best, threshold_device = {}, None, None
     for name in names:
         s = _flat(score(name))
         if not torch.isfinite(s).all():
@@ -44,8 +46,11 @@ def global_topk_positions(
                 "lower the learning rate or check the loss"
             )
         sizes[name], threshold_device = s.numel(), s.device
-        if k > 0 and s.numel():
-            tops.append(torch.topk(s, min(k, s.numel()), sorted=False).values)
+        if k > 0 and s.numel():  # the k largest so far: at most 2k scores alive, not k per tensor
+            top = torch.topk(s, min(k, s.numel()), sorted=False).values
+            best = top if best is None else torch.cat([best, top])
+            if best.numel() > k:
+                best = torch.topk(best, k, sorted=False).values
     n = sum(sizes.values())
     if not 0 <= k <= n:
         raise ValueError(f"k={k} must be within [0, {n}]")
@@ -53,8 +58,8 @@ def global_topk_positions(
         return {name: torch.zeros(0, dtype=torch.long, device=threshold_device) for name in names}
     if k == n:
         return {name: torch.arange(sizes[name], dtype=torch.long, device=threshold_device) for name in names}
-    threshold = torch.topk(torch.cat(tops), k, sorted=False).values.min()
-    del tops
+    threshold = best.min()
+    del best
     above = {name: torch.nonzero(_flat(score(name)) > threshold).squeeze(1) for name in names}
     missing = k - sum(int(v.numel()) for v in above.values())
     if missing > 0:  # fill from the entries equal to the threshold, best tiebreak first, then lowest position
