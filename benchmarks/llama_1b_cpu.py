@@ -36,6 +36,8 @@ CONFIGS = {
     "standard": ("dense L0 (the default memory options)", []),
     "lean": ("dense L0, `--memory lean`", ["--memory", "lean"]),
     "lean_w16": ("dense L0, `--memory lean --w-dtype bf16`", ["--memory", "lean", "--w-dtype", "bf16"]),
+    "lean_factored": ("dense L0, `--memory lean --moments-dtype factored`",
+                      ["--memory", "lean", "--moments-dtype", "factored"]),
     "candidates": ("candidate L0, `--memory lean --candidates 0.05`",
                    ["--memory", "lean", "--candidates", "0.05", "--candidate-warmup-steps", "4"]),
 }
