@@ -98,3 +98,25 @@ def assert_same_diff(a_dir: Path, b_dir: Path, exact: bool = True) -> None:
         assert check(a.values[name], b.values[name]), name
     for name, t in a.head.items():
         assert check(t, b.head[name]), name
+
+
+def interrupt_after_checkpoints(monkeypatch, run, n: int = 2) -> list[int]:
+    """Call `run()` (a training) and stop it with KeyboardInterrupt right after its n-th checkpoint is
+    written, as a kill would; returns the global steps of the checkpoints written."""
+    from diffprune.training import checkpoints
+
+    real, steps = checkpoints.write_checkpoint, []
+
+    def stop_after_nth(*args, **kwargs):
+        real(*args, **kwargs)
+        steps.append(args[4].global_step)  # (acc, run_dir, model, optimizer, pos, settings)
+        if len(steps) == n:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "write_checkpoint", stop_after_nth)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    finally:
+        monkeypatch.setattr(checkpoints, "write_checkpoint", real)
+    return steps

@@ -17,7 +17,7 @@ from diffprune.methods import get_method
 from diffprune.optim import AdamW
 from diffprune.training import TrainConfig, train
 
-from .helpers_cli import glue, tiny_base  # noqa: F401
+from .helpers_cli import assert_same_diff, glue, interrupt_after_checkpoints, tiny_base  # noqa: F401
 from .tiny_models import bert_batch, tiny_bert
 
 
@@ -163,8 +163,6 @@ def test_the_state_estimate_and_the_settings_that_cannot_work():
 
 
 def test_train_with_factored_moments_end_to_end_and_resume(tmp_path, tiny_base, glue, monkeypatch):
-    from diffprune.training import checkpoints
-
     kw = dict(task="rte", data_dir=str(glue), model=str(tiny_base), method="structured", memory="lean",
               moments_dtype="factored", target_sparsity=0.02, max_train_samples=48, max_eval_samples=24, epochs=2,
               fixmask_epochs=1, batch_size=16, max_seq_length=32, progress=False, save_steps=2)
@@ -174,20 +172,8 @@ def test_train_with_factored_moments_end_to_end_and_resume(tmp_path, tiny_base, 
     start = json.loads((tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()[0])
     assert start["settings"]["moments_dtype"] == "factored"
 
-    real, calls = checkpoints.write_checkpoint, []
-
-    def stop_after_second(*args, **kwargs):
-        real(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoints, "write_checkpoint", stop_after_second)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(output_dir=str(tmp_path / "res"), **kw))
-    monkeypatch.setattr(checkpoints, "write_checkpoint", real)
+    stopped = interrupt_after_checkpoints(monkeypatch, lambda: train(TrainConfig(output_dir=str(tmp_path / "res"), **kw)))
+    assert stopped == [2, 3]  # every 2 steps and at the epoch's end (48 examples, batches of 16): mid-L0
     res = train(TrainConfig(output_dir=str(tmp_path / "res"), resume=True, **kw))
-    b = SparseDiff.load(tmp_path / "res")
     assert res["nnz"] == ref["nnz"] and res["final"] == ref["final"]
-    for name in diff.indices:
-        assert torch.equal(diff.indices[name], b.indices[name]) and torch.equal(diff.values[name], b.values[name])
+    assert_same_diff(tmp_path / "ref", tmp_path / "res")

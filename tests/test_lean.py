@@ -16,7 +16,7 @@ from diffprune.lean import OptimizerInBackward
 from diffprune.methods import get_method
 from diffprune.training import TrainConfig, train
 
-from .helpers_cli import glue, one_thread, tiny_base  # noqa: F401
+from .helpers_cli import assert_same_diff, glue, interrupt_after_checkpoints, one_thread, tiny_base  # noqa: F401
 from .tiny_models import bert_batch, tiny_bert
 
 
@@ -272,8 +272,6 @@ def test_memory_check_counts_the_larger_of_gradients_and_activations(monkeypatch
 
 
 def test_train_lean_with_candidates_end_to_end_and_resume(tmp_path, tiny_base, glue, monkeypatch):
-    from diffprune.training import checkpoints
-
     kw = dict(task="rte", data_dir=str(glue), model=str(tiny_base), method="structured", memory="lean",
               optimizer_in_backward=True,  # (lean alone keeps the step after backward with candidates)
               moments_dtype="bf16", w_dtype="bf16", candidates=0.1, candidate_warmup_steps=3,
@@ -290,25 +288,10 @@ def test_train_lean_with_candidates_end_to_end_and_resume(tmp_path, tiny_base, g
     assert ev["importance"] == "grad_per_tensor"
     assert [r["phase"] for r in log if r.get("event") == "optimizer_in_backward"] == ["l0", "fixed"]
 
-    real = checkpoints.write_checkpoint
-    calls = []
-
-    def stop_after_second(*args, **kwargs):
-        real(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoints, "write_checkpoint", stop_after_second)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(output_dir=str(tmp_path / "res"), **kw))
-    monkeypatch.setattr(checkpoints, "write_checkpoint", real)
+    interrupt_after_checkpoints(monkeypatch, lambda: train(TrainConfig(output_dir=str(tmp_path / "res"), **kw)))
     res = train(TrainConfig(output_dir=str(tmp_path / "res"), resume=True, **kw))
-    b = SparseDiff.load(tmp_path / "res")
     assert res["nnz"] == ref["nnz"] and res["final"] == ref["final"]
-    for name in diff.indices:
-        assert torch.equal(diff.indices[name], b.indices[name])
-        torch.testing.assert_close(diff.values[name], b.values[name])
+    assert_same_diff(tmp_path / "ref", tmp_path / "res", exact=False)
 
 
 def test_gradient_checkpointing_trains_to_the_same_diff(tmp_path, tiny_base, glue):

@@ -12,7 +12,7 @@ from diffprune.runs import TASK_INFO_KEYS, load_run
 from diffprune.training import TrainConfig, TrainError, train
 from diffprune.training.distributed import local_indices as _local_indices
 
-from .helpers_cli import assert_same_diff, glue, one_thread, tiny_base  # noqa: F401
+from .helpers_cli import assert_same_diff, glue, interrupt_after_checkpoints, one_thread, tiny_base  # noqa: F401
 
 FAST = dict(max_train_samples=48, max_eval_samples=24, epochs=1, fixmask_epochs=1, batch_size=16, max_seq_length=32,
             progress=False, save_steps=0)
@@ -106,24 +106,10 @@ def test_output_dir_rules(tmp_path, tiny_base, glue):
 
 def test_checkpoint_and_resume_in_process(tmp_path, tiny_base, glue, monkeypatch):
     """A run stopped right after a mid-epoch checkpoint resumes to the same diff as an uninterrupted run."""
-    from diffprune.training import checkpoints
-
     kw = dict(epochs=2, fixmask_epochs=1, save_steps=2, target_sparsity=0.02, max_train_samples=64)
     ref = train(_cfg(tmp_path, tiny_base, glue, "ref", **kw))
 
-    real = checkpoints.write_checkpoint
-    calls = []
-
-    def stop_after_second(*args, **kwargs):
-        real(*args, **kwargs)
-        calls.append(args[4].global_step)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoints, "write_checkpoint", stop_after_second)
-    with pytest.raises(KeyboardInterrupt):
-        train(_cfg(tmp_path, tiny_base, glue, "res", **kw))
-    monkeypatch.setattr(checkpoints, "write_checkpoint", real)
+    calls = interrupt_after_checkpoints(monkeypatch, lambda: train(_cfg(tmp_path, tiny_base, glue, "res", **kw)))
     state = json.loads((tmp_path / "res" / "checkpoint" / "latest.json").read_text())
     assert state["dir"] == f"step-{calls[-1]:09d}" and calls == [2, 4]
     with pytest.raises(TrainError, match="written with seed=0, now seed=1"):
