@@ -177,3 +177,21 @@ def test_train_with_factored_moments_end_to_end_and_resume(tmp_path, tiny_base, 
     res = train(TrainConfig(output_dir=str(tmp_path / "res"), resume=True, **kw))
     assert res["nnz"] == ref["nnz"] and res["final"] == ref["final"]
     assert_same_diff(tmp_path / "ref", tmp_path / "res")
+
+
+def test_the_memory_check_names_factored_moments_except_under_fsdp(monkeypatch):
+    from diffprune.training import TrainError, memory
+
+    base = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 2))
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1024)
+    monkeypatch.setattr(memory, "activation_bytes", lambda base, cfg: 2**20)
+
+    def refusal(**kw) -> str:
+        with pytest.raises(TrainError) as e:
+            memory.check_memory(get_method("structured"), base, torch.device("cpu"),
+                                TrainConfig(output_dir="x", batch_size=2, max_seq_length=8, **kw))
+        return str(e.value)
+
+    assert "--memory lean --moments-dtype factored: about" in refusal()
+    sharded = refusal(fsdp=True)
+    assert "--memory lean --w-dtype bf16: about" in sharded and "factored" not in sharded  # refused with --fsdp

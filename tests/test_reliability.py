@@ -160,8 +160,8 @@ def test_training_state_that_cannot_fit_is_refused_before_anything_is_written(tm
                        r"for each of the 999,072 diffed parameters, 12 for each of the 66 head parameters\) \+ about 9.2 MiB "
                        r"of activations at batch 8 x 128 - 7.6 MiB \(the state's gradients are made in backward as the "
                        r"activations and effective weights are freed\), and 0.0 MiB is available; --memory lean: about 26.4 MiB; "
-                       r"--memory lean --w-dtype bf16: about 20.7 MiB; "
-                       r"--memory lean --candidates 0.05: about 11.2 MiB.*--skip-memory-check"):
+                       r"--memory lean --w-dtype bf16: about 20.7 MiB; --memory lean --moments-dtype factored: about "
+                       r"18.8 MiB; --memory lean --candidates 0.05: about 11.2 MiB.*--skip-memory-check"):
         train(cfg)
     assert not out.exists()
     cfg.check_memory = False

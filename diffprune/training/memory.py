@@ -104,9 +104,12 @@ def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int =
     if getattr(method, "use_gates", False) and getattr(cfg, "candidates", None) is None and cfg is not None:
         for label, extra in (("--memory lean", {"memory": "lean"}),
                              ("--memory lean --w-dtype bf16", {"memory": "lean", "w_dtype": "bf16"}),
+                             ("--memory lean --moments-dtype factored", {"memory": "lean", "moments_dtype": "factored"}),
                              ("--memory lean --candidates 0.05", {"memory": "lean", "candidates": 0.05})):
             if all(getattr(cfg, k, None) == v for k, v in extra.items()):
                 continue  # what this run already does
+            if extra.get("moments_dtype") == "factored" and getattr(cfg, "fsdp", False):
+                continue  # (refused with --fsdp)
             hints.append(f"{label}: about {size(total(dataclasses.replace(cfg, **extra)))}")
     hint = ("; " + "; ".join(hints)) if hints else ""
     parts = [f"{size(bytes_)} of training state ({how})"]
