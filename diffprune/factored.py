@@ -49,11 +49,6 @@ def init_state(p: torch.Tensor) -> dict:
             "exp_avg_sq_col": torch.zeros(cols, dtype=torch.float32, device=p.device)}
 
 
-def state_bytes(p: torch.Tensor) -> int:
-    rows, cols = shape2d(p)
-    return 2 * p.numel() + 4 * (rows + cols)
-
-
 @torch.no_grad()
 def step_(p: torch.Tensor, state: dict, group: dict, round_bf16) -> None:
     """One step of `p` (its ``.grad`` read, not changed). `round_bf16(dst, src)` writes the fp32 chunk `src`

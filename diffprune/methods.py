@@ -164,7 +164,7 @@ class DiffMethod(Method):
         wb, a = self._entry_bytes(opts)
         factored = opts["moments_dtype"] == "factored"  # a bf16 first moment (the factored sums: rows + columns)
         w = wb * (1 + grads) + (2 if factored else 4 if opts["moments_dtype"] == "bf16" or wb == 2 else 8)
-        alpha = a * (1 + grads) + (min(2, a) if factored else 2 * a)
+        alpha = a * (1 + grads) + ((2 if a else 0) if factored else 2 * a)
         effective = self.effective_bytes_per_parameter(cfg)
         c = getattr(cfg, "candidates", None) if self.use_gates else None
         if c is None:
