@@ -82,13 +82,13 @@ def step_(p: torch.Tensor, state: dict, group: dict, round_bf16) -> None:
         return torch.outer(r[a:b], c).add_(eps)
 
     # 2. the first moment (bf16, to nearest), and the RMS of this step's update m_hat / (sqrt(v_hat) + eps)
-    sumsq = 0.0
+    sumsq = torch.zeros((), dtype=torch.float32, device=p.device)  # (read once per tensor: one device sync)
     for a, b in spans:
         m = M[a:b].to(torch.float32, copy=True).mul_(beta1).add_(G[a:b], alpha=1 - beta1)
         M[a:b].copy_(m)
-        sumsq += float(m.div_(denominator(a, b)).square_().sum())
+        sumsq += m.div_(denominator(a, b)).square_().sum()
     bc1 = 1 - beta1 ** t
-    scale = 1.0 / max(1.0, math.sqrt(sumsq / p.numel()) / bc1 / CLIP)
+    scale = 1.0 / max(1.0, math.sqrt(float(sumsq) / p.numel()) / bc1 / CLIP)
 
     # 3. the step (decoupled weight decay), from the stored first moment
     step_size = lr * scale / bc1
