@@ -179,7 +179,7 @@ def test_train_with_factored_moments_end_to_end_and_resume(tmp_path, tiny_base, 
     assert_same_diff(tmp_path / "ref", tmp_path / "res")
 
 
-def test_the_memory_check_names_factored_moments_except_under_fsdp(monkeypatch):
+def test_the_memory_check_names_only_settings_the_run_could_take(monkeypatch):
     from diffprune.training import TrainError, memory
 
     base = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 2))
@@ -194,4 +194,5 @@ def test_the_memory_check_names_factored_moments_except_under_fsdp(monkeypatch):
 
     assert "--memory lean --moments-dtype factored: about" in refusal()
     sharded = refusal(fsdp=True)
-    assert "--memory lean --w-dtype bf16: about" in sharded and "factored" not in sharded  # refused with --fsdp
+    assert "--memory lean --w-dtype bf16: about" in sharded
+    assert "factored" not in sharded and "--candidates" not in sharded  # both refused with --fsdp

@@ -11,7 +11,7 @@ import time
 import torch
 
 from .._io import proc_bytes
-from ..errors import TrainError
+from ..errors import ConfigError, TrainError
 from ..methods import Method
 from .checkpoints import Position
 from .config import TrainConfig
@@ -108,9 +108,12 @@ def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int =
                              ("--memory lean --candidates 0.05", {"memory": "lean", "candidates": 0.05})):
             if all(getattr(cfg, k, None) == v for k, v in extra.items()):
                 continue  # what this run already does
-            if extra.get("moments_dtype") == "factored" and getattr(cfg, "fsdp", False):
-                continue  # (refused with --fsdp)
-            hints.append(f"{label}: about {size(total(dataclasses.replace(cfg, **extra)))}")
+            alternative = dataclasses.replace(cfg, **extra)
+            try:
+                alternative.validate()
+            except ConfigError:
+                continue  # a combination the run's other settings refuse (--fsdp: factored moments, candidates)
+            hints.append(f"{label}: about {size(total(alternative))}")
     hint = ("; " + "; ".join(hints)) if hints else ""
     parts = [f"{size(bytes_)} of training state ({how})"]
     if weights:
