@@ -129,19 +129,19 @@ def _with_earlier(records: list[dict], info: dict, path: Path) -> list[dict]:
 
 
 def _pace(log: list[dict], phase: str) -> float | None:
-    """Mean seconds per step of a phase: the training seconds its evaluations record (the run's so far), over
-    its steps. Logs from before they did: from the examples/s of its step records (batch 1), which were
-    rounded to two decimals (a 1B model's 0.01 example/s is 67-200 s a step)."""
+    """Mean seconds per step of a phase: the training seconds its evaluations record (the run's so far),
+    over its steps; None for a phase with no evaluation. (Rows from before the evaluations recorded them,
+    kept from earlier results files, came from the step records' examples/s, then rounded to two decimals:
+    a 1B model's 0.01 example/s was 67-200 s a step.)"""
     evals = [e for e in log if e.get("event") == "eval" and "train_seconds" in e]
     ends = {e["phase"]: (e["global_step"], e["train_seconds"]) for e in evals}  # each phase's last evaluation
-    if phase in ends:
-        before = [v for k, v in ends.items() if v[0] < ends[phase][0]]
-        # (the first phase's seconds start after the candidate warm-up, which they include)
-        warmup = sum(e["seconds"] for e in log if e.get("event") == "candidates")
-        step0, sec0 = max(before) if before else (0, warmup)
-        return float(f"{(ends[phase][1] - sec0) / (ends[phase][0] - step0):.3g}")
-    rates = [e["examples_per_s"] for e in log if e.get("phase") == phase and "examples_per_s" in e and "step" in e]
-    return round(1.0 / (sum(rates) / len(rates)), 1) if rates else None
+    if phase not in ends:
+        return None
+    before = [v for k, v in ends.items() if v[0] < ends[phase][0]]
+    # (the first phase's seconds start after the candidate warm-up, which they include)
+    warmup = sum(e["seconds"] for e in log if e.get("event") == "candidates")
+    step0, sec0 = max(before) if before else (0, warmup)
+    return float(f"{(ends[phase][1] - sec0) / (ends[phase][0] - step0):.3g}")
 
 
 def _env_vars() -> dict:

@@ -217,7 +217,7 @@ class AdamW(torch.optim.AdamW):
         return state
 
     def _step_factored(self, group: dict, index: int, p: torch.Tensor) -> None:
-        if p not in self.state or not self.state[p]:
+        if not self.state[p]:  # (a defaultdict, as torch's)
             self.state[p] = factored.init_state(p)
         noise = Noise((self.seed, int(self.state[p]["step"].item()) + 1, index), p.device)
         factored.step_(p, self.state[p], group, lambda dst, src: stochastic_round_(dst, src, _halves(noise, src.numel())[0]))
