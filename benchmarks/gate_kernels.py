@@ -21,7 +21,9 @@ A compiled row (`--compile-gates`, `gates.FusedGates`) follows the recompute-and
 `--step-seq-len` in one process, in rotating order: full finetuning (AdamW), and the `--memory lean` L0
 stage (the AdamW step inside backward) with eager and with compiled gates on one model, with `--step-w16`
 also the lean stage with --w-dtype bf16 both ways (separate processes' step times spread further than
-the effect measured on this VM): the median of each.
+the effect measured on this VM): the median of each. `--step-configs` adds more of train_cost.py's
+configurations as arms (the dense L0 stage, the other lean variants, candidates, LoRA, the fixed-mask stage),
+each on its own model, so that a whole option table's step times come from one process.
 
     OMP_NUM_THREADS=1 python benchmarks/gate_kernels.py        # writes benchmarks/results/gate_kernels.{md,json}
 """
@@ -201,27 +203,35 @@ def adamw_steps(n: int, repeats: int) -> dict:
 
 
 def lean_steps_ab(model_name: str, batch: int, seq_len: int, rounds: int, w16: bool = False,
-                  factored: bool = False) -> dict:
+                  factored: bool = False, configs: tuple[str, ...] = ()) -> dict:
     """Whole steps of `model_name` in one process: full finetuning (AdamW), the lean L0 stage with eager
     gates and with compiled ones (and with `w16` the same with --w-dtype bf16, with `factored` with eager
-    gates and --moments-dtype factored), in rotating order each round; the median step time of each and the
+    gates and --moments-dtype factored; `configs`: more of train_cost's configurations, each an arm
+    named by its title there), in rotating order each round; the median step time of each and the
     ratios to full finetuning's."""
     import statistics
 
     import train_cost as tc
 
-    configs = ["full", "l0_lean"] + (["l0_lean_w16"] if w16 else []) + (["l0_lean_factored"] if factored else [])
+    extra = [c for c in configs if c not in ("full", "l0_lean")]
+    if w16 and "l0_lean_w16" not in extra:
+        extra.append("l0_lean_w16")
+    if factored and "l0_lean_factored" not in extra:
+        extra.append("l0_lean_factored")
     built = {}
-    for config in configs:
+    for config in ["full", "l0_lean"] + extra:
         model = tc.build_model(model_name)
         data = tc.make_batch(model, batch, seq_len, torch.device("cpu"))
         built[config] = (*tc.setup(config, model, "fused", batch=data), data)
     arms = {"full": ("full", None), "lean, eager gates": ("l0_lean", False), "lean, compiled gates": ("l0_lean", True)}
-    if w16:
-        arms.update({"lean --w-dtype bf16, eager gates": ("l0_lean_w16", False),
-                     "lean --w-dtype bf16, compiled gates": ("l0_lean_w16", True)})
-    if factored:
-        arms["lean --moments-dtype factored, eager gates"] = ("l0_lean_factored", False)
+    for config in extra:
+        if config == "l0_lean_w16" and w16:
+            arms.update({"lean --w-dtype bf16, eager gates": ("l0_lean_w16", False),
+                         "lean --w-dtype bf16, compiled gates": ("l0_lean_w16", True)})
+        elif config == "l0_lean_factored" and factored:
+            arms["lean --moments-dtype factored, eager gates"] = ("l0_lean_factored", False)
+        else:
+            arms[tc.TITLES[config]] = (config, None)
 
     def step(which: str) -> float:
         config, compiled = arms[which]
@@ -229,8 +239,8 @@ def lean_steps_ab(model_name: str, batch: int, seq_len: int, rounds: int, w16: b
         if compiled is not None:
             module.compile_gates = compiled
         t = time.perf_counter()
-        module(**data).loss.backward()  # (lean: the AdamW step runs inside backward, clipped there)
-        if config == "full":
+        module(**data).loss.backward()
+        if not hasattr(opt, "clipped_steps"):  # (lean.OptimizerInBackward clips and steps inside backward)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -297,6 +307,9 @@ def main(argv=None) -> dict:
     p.add_argument("--step-rounds", type=int, default=6)
     p.add_argument("--step-w16", action="store_true", help="also the lean stage with --w-dtype bf16, eager and compiled")
     p.add_argument("--step-factored", action="store_true", help="also the lean stage with --moments-dtype factored (eager)")
+    p.add_argument("--step-configs", nargs="+", default=[], metavar="CONFIG",
+                   help="more arms for the whole steps: train_cost.py configurations (e.g. l0 l0_lean_m16 "
+                        "candidates lora_all32 fixed), each on its own model")
     p.add_argument("--sections", nargs="+", default=None, choices=list(SECTIONS.values()),
                    help="only these kernel sections")
     p.add_argument("--note", default="")
@@ -304,6 +317,11 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.step_model and args.no_compile:
         p.error("--step-model compares eager with compiled gates: it cannot run with --no-compile")
+    import train_cost as tc
+
+    unknown = [c for c in args.step_configs if c not in tc.CONFIGS]
+    if unknown:
+        p.error(f"--step-configs: unknown {', '.join(unknown)} (train_cost.py's: {', '.join(tc.CONFIGS)})")
     torch.set_num_threads(args.threads)
     n = args.entries
     shape = (3072, 768) if n >= 3072 * 768 else (max(1, n // 64), 64)
@@ -315,7 +333,7 @@ def main(argv=None) -> dict:
     }
     kernels = {name: run() for name, run in sections.items() if args.sections is None or SECTIONS[name] in args.sections}
     steps_ab = lean_steps_ab(args.step_model, args.step_batch, args.step_seq_len, args.step_rounds,
-                             args.step_w16, args.step_factored) if args.step_model else None
+                             args.step_w16, args.step_factored, tuple(args.step_configs)) if args.step_model else None
     rec = {"kernels": kernels, "lean_steps": steps_ab, "entries": n, "repeats": args.repeats, "threads": args.threads,
            "machine": _env.machine(), "versions": _env.versions(), "command": _env.command(),
            "date": _env.now(), "note": args.note}

@@ -97,6 +97,22 @@ def test_whole_step_comparison_times_every_arm_and_reports_it(monkeypatch):
     torch.set_num_threads(threads)
     assert set(fac["ratio_to_full"]) == {"lean, eager gates", "lean, compiled gates",
                                          "lean --moments-dtype factored, eager gates"}
+    import train_cost as tc
+
+    more = gk.lean_steps_ab("tiny", 2, 8, 2, configs=("l0", "fixed", "lora_all32", "candidates"))
+    torch.set_num_threads(threads)
+    titles = [tc.TITLES[c] for c in ("l0", "fixed", "lora_all32", "candidates")]
+    assert list(more["median_s"]) == ["full", "lean, eager gates", "lean, compiled gates", *titles]
+    assert all(len(more["steps_s"][a]) == 2 and min(more["steps_s"][a]) > 0 for a in titles)
+
+
+def test_step_configs_unknown_is_refused_before_any_work():
+    import pytest
+
+    gk = _module()
+    with pytest.raises(SystemExit) as exc:
+        gk.main(["--step-model", "minilm", "--step-configs", "l0", "nope", "--out", "/nonexistent/gk"])
+    assert exc.value.code == 2
 
 
 def test_step_comparison_refuses_no_compile():
