@@ -99,7 +99,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--value-dtype", choices=("fp32", "bf16", "fp16", "int8"), default=d.value_dtype,
                    help="how the diff file stores the values (default fp32, exact; bf16/fp16 halve them; int8 with "
                         "per-block scales quarters them; see also `diffprune compress`)")
-    g = p.add_argument_group("memory (README, \"Training memory\")")
+    g = p.add_argument_group("memory (README, \"Training cost and memory\")")
     g.add_argument("--memory", choices=("standard", "lean"), default=d.memory,
                    help="lean: the optimiser step inside backward (not with --candidates, whose gradients are "
                         "small), gate logits in bf16, effective weights recomputed in backward, and on a GPU frozen "
