@@ -340,14 +340,10 @@ def setup(config: str, model, adamw: str, lr: float = 2e-5, batch: dict | None =
             dm.set_candidates(candidates.select(scores, frac))
             del scores
             gc.collect()
-        groups = dm.param_groups(lr=lr, alpha_lr=0.1)
+        moments = {"l0_lean_m16": "bf16", "l0_lean_factored": "factored"}.get(config, "fp32")
+        groups = dm.param_groups(lr=lr, alpha_lr=0.1, moments_dtype=moments)
         for grp in groups:
             grp.update(impl)
-        if config == "l0_lean_m16":
-            groups[0]["state_dtype"] = "bf16"  # w's moments
-        if config == "l0_lean_factored":
-            for grp in groups[:2]:  # w's and alpha's (`DiffMethod.param_groups`)
-                grp["state_dtype"] = "factored"
         if in_backward:
             opt = OptimizerInBackward(groups, max_grad_norm=1.0, weight_decay=0.0)
         else:

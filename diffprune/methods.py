@@ -252,14 +252,8 @@ class DiffMethod(Method):
 
     def param_groups(self, model, phase, cfg):
         head_lr = (cfg.head_lr or phase.lr) if phase.name == "l0" else phase.lr
-        groups = model.param_groups(lr=phase.lr, alpha_lr=cfg.alpha_lr, head_lr=head_lr)
-        moments = _options(cfg)["moments_dtype"]
-        if phase.name == "l0" and moments == "bf16":
-            groups[0]["state_dtype"] = "bf16"  # w's group (`DiffModel.param_groups` puts it first)
-        if phase.name == "l0" and moments == "factored":
-            for group in groups[:2 if self.use_gates else 1]:  # w's and alpha's
-                group["state_dtype"] = "factored"
-        return groups
+        moments = _options(cfg)["moments_dtype"] if phase.name == "l0" else "fp32"
+        return model.param_groups(lr=phase.lr, alpha_lr=cfg.alpha_lr, head_lr=head_lr, moments_dtype=moments)
 
     def start_phase(self, model, phase):
         if phase.name == "fixed":

@@ -631,7 +631,8 @@ class DiffModel(nn.Module):
 
     # ---- optimisation helpers ------------------------------------------------------------------
     def param_groups(
-        self, lr: float = 1e-5, alpha_lr: float = 0.1, head_lr: float | None = None, fused: bool | None = None
+        self, lr: float = 1e-5, alpha_lr: float = 0.1, head_lr: float | None = None, fused: bool | None = None,
+        moments_dtype: str = "fp32",
     ) -> list[dict]:
         """AdamW parameter groups with the paper's split: lr for w / values, alpha_lr for gate logits.
 
@@ -640,15 +641,31 @@ class DiffModel(nn.Module):
         same update up to float rounding, and on CPU about 8x faster than the default per-tensor
         loop, which matters here because the L0 stage has two trainable entries (w, alpha) per
         diffed entry. ``fused=False`` leaves the groups without the key (the optimiser's default).
+
+        ``moments_dtype`` (the L0 stage's, `--moments-dtype`): "bf16" keeps w's AdamW moments in bf16,
+        "factored" keeps w's and alpha's first moments in bf16 and their second moments factored per
+        matrix (`diffprune.factored`); both need `diffprune.optim.AdamW` (`optimizer` builds it), which
+        reads the groups' ``state_dtype``.
         """
+        from .lean import MOMENTS
+
+        if moments_dtype not in MOMENTS:
+            raise ConfigError(f"moments_dtype {moments_dtype!r} is not one of {', '.join(MOMENTS)}")
+        if moments_dtype != "fp32" and self._stage != "l0":
+            raise ConfigError(f"moments_dtype={moments_dtype!r} is for the L0 stage's w and alpha; this model is in "
+                              f"stage {self._stage!r}: use moments_dtype='fp32'")
         diff, alphas = [], []
         for slot in self.slots.values():
             for pname, p in slot.named_parameters():
                 (alphas if pname.startswith("alpha") else diff).append(p)
         head = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": diff, "lr": lr, "weight_decay": 0.0}]
+        if moments_dtype != "fp32":
+            groups[0]["state_dtype"] = moments_dtype
         if alphas:
             groups.append({"params": alphas, "lr": alpha_lr, "weight_decay": 0.0})
+            if moments_dtype == "factored":  # (with bf16 moments alpha's follow its own dtype, `alpha_dtype`)
+                groups[-1]["state_dtype"] = "factored"
         if head:
             groups.append({"params": head, "lr": head_lr if head_lr is not None else lr})
         if fused is None:
@@ -657,6 +674,26 @@ class DiffModel(nn.Module):
             for group in groups:
                 group["fused"] = True
         return groups
+
+    def optimizer(
+        self, lr: float = 1e-5, alpha_lr: float = 0.1, head_lr: float | None = None, moments_dtype: str = "fp32",
+        in_backward: bool = False, max_grad_norm: float | None = 1.0, **adamw,
+    ):
+        """The AdamW that `diffprune train` steps this model with, for a loop of your own: over
+        `param_groups` (same arguments), bf16 tensors and moments stepped in fp32 and rounded back
+        stochastically (`diffprune.optim.AdamW`), weight decay 0 unless given. ``in_backward=True``
+        (`--optimizer-in-backward`, part of `--memory lean`) steps each tensor inside backward as soon as
+        its gradient is complete and frees it (`diffprune.lean.OptimizerInBackward`: ``step()`` then ends
+        the step, clipping with the previous step's norm at `max_grad_norm`); otherwise clip as usual
+        before ``step()``. Build a new one after `project()` (the fixed-mask stage trains other tensors),
+        and with ``in_backward`` call the old one's ``close()`` first."""
+        from . import lean, optim
+
+        groups = self.param_groups(lr=lr, alpha_lr=alpha_lr, head_lr=head_lr, moments_dtype=moments_dtype)
+        adamw = {"weight_decay": 0.0, **adamw}
+        if in_backward:
+            return lean.OptimizerInBackward(groups, max_grad_norm, **adamw)
+        return optim.AdamW(groups, lr=lr, **adamw)
 
     # ---- candidates and projection ------------------------------------------------------------
     @torch.no_grad()

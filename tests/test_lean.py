@@ -96,6 +96,65 @@ def test_optimizer_in_backward_state_round_trip_continues_identically():
     _assert_same_state(b, a, rtol=1e-6, atol=1e-8)
 
 
+def test_diffmodel_optimizer_builds_the_lean_step_for_a_loop_of_your_own():
+    """`DiffModel.optimizer` (the library's one call for the memory options in a custom loop) with factored
+    moments inside backward trains exactly as an OptimizerInBackward over groups tagged by hand, frees every
+    gradient, and keeps a factored state for matrices and bf16 moments for vectors."""
+    a, b = _pair(structured=True, alpha_dtype="bf16")
+    batches = [bert_batch(a.model, seed=s) for s in range(3)]
+    groups = a.param_groups(lr=1e-2, alpha_lr=0.1)
+    for g in groups[:2]:  # w's and alpha's
+        g["state_dtype"] = "factored"
+    _steps(a, batches, OptimizerInBackward(groups, max_grad_norm=1e-3, weight_decay=0.0))
+    opt = b.optimizer(lr=1e-2, alpha_lr=0.1, moments_dtype="factored", in_backward=True, max_grad_norm=1e-3)
+    _steps(b, batches, opt)
+    assert all(p.grad is None for p in b.parameters()) and opt.clipped_steps == 3
+    _assert_same_state(b, a, rtol=0, atol=0)
+    w_group, alpha_group = opt.param_groups[:2]
+    assert w_group["state_dtype"] == alpha_group["state_dtype"] == "factored"
+    matrix = next(p for p in w_group["params"] if p.dim() == 2)
+    vector = next(p for p in w_group["params"] if p.dim() == 1)
+    assert {"exp_avg_sq_row", "exp_avg_sq_col"} <= set(opt.state[matrix])
+    assert opt.state[matrix]["exp_avg"].dtype == torch.bfloat16 and "exp_avg_sq" not in opt.state[matrix]
+    assert opt.state[vector]["exp_avg_sq"].dtype == torch.bfloat16
+
+
+def test_diffmodel_optimizer_bf16_moments_after_backward_and_its_refusals():
+    """bf16 moments are w's only (alpha's follow alpha_dtype); clipping is the caller's, as with torch's
+    AdamW; a moments_dtype that is not one, or one asked of the fixed-mask stage, is refused with the fix."""
+    from diffprune import optim
+
+    a, b = _pair()
+    batches = [bert_batch(a.model, seed=s) for s in range(2)]
+    groups = a.param_groups(lr=1e-2, alpha_lr=0.1)
+    groups[0]["state_dtype"] = "bf16"
+    _steps(a, batches, optim.AdamW(groups, lr=1e-2, weight_decay=0.0), clip=1.0)
+    opt = b.optimizer(lr=1e-2, alpha_lr=0.1, moments_dtype="bf16")
+    assert isinstance(opt, optim.AdamW)
+    _steps(b, batches, opt, clip=1.0)
+    _assert_same_state(b, a, rtol=0, atol=0)
+    w, alpha = opt.param_groups[0]["params"][0], opt.param_groups[1]["params"][0]
+    assert opt.state[w]["exp_avg_sq"].dtype == torch.bfloat16 and opt.state[alpha]["exp_avg_sq"].dtype == torch.float32
+    with pytest.raises(ConfigError, match="not one of fp32, bf16, factored"):
+        b.param_groups(moments_dtype="fp16")
+    b.project(0.05)
+    with pytest.raises(ConfigError, match="L0 stage.*moments_dtype='fp32'"):
+        b.optimizer(moments_dtype="factored")
+    assert "state_dtype" not in b.optimizer(lr=1e-3).param_groups[0]
+
+
+def test_the_train_loops_groups_carry_the_moments_dtype_in_the_l0_stage_only():
+    from diffprune.methods import Phase
+
+    method = get_method("structured")
+    cfg = TrainConfig(task="rte", output_dir="unused", memory="lean", moments_dtype="factored")
+    dm = DiffModel(tiny_bert(), DiffPruningConfig(structured=True))
+    tags = [g.get("state_dtype") for g in method.param_groups(dm, Phase("l0", 1, 1e-4), cfg)]
+    assert tags == ["factored", "factored", None]  # w, alpha, head
+    dm.project(0.05)
+    assert all("state_dtype" not in g for g in method.param_groups(dm, Phase("fixed", 1, 5e-4), cfg))
+
+
 def test_select_keeps_exactly_the_top_fraction_across_tensors():
     g = torch.Generator().manual_seed(0)
     scores = {"a": torch.rand(50, 7, generator=g).to(torch.bfloat16), "b": torch.rand(300, generator=g).to(torch.bfloat16),
