@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 status=0
 for m in $MODELS; do
-    configs="full lora_all32 lora_qv8 fixed candidates l0_lean l0_lean_m16 l0_lean_w16"
+    configs="full lora_all32 lora_qv8 fixed candidates l0_lean l0_lean_m16 l0_lean_w16 l0_lean_factored"
     [ "$m" != llama-3b ] && configs="$configs l0"
     # shellcheck disable=SC2086
     "$PYTHON" benchmarks/train_cost.py --model "$m" --device "$DEVICE" --dtype bf16 --batch 4 --seq-len "$SEQ" \
