@@ -131,6 +131,36 @@ def test_checkpoint_and_resume_in_process(tmp_path, tiny_base, glue, monkeypatch
     assert [r["global_step"] for r in log if r.get("event") == "resume"] == [4]
 
 
+def test_the_run_logs_its_memory_estimate_and_peaks(tmp_path, tiny_base, glue, monkeypatch):
+    """The memory check's estimate is logged after the start event; each evaluation logs the process's
+    peak so far, and metrics.json the run's, which a resumed run carries over from its checkpoint."""
+    from diffprune.training import memory
+
+    m = train(_cfg(tmp_path, tiny_base, glue, "run", target_sparsity=0.02))
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r.get("event") for r in log[:2]] == ["start", "memory_estimate"]
+    est = log[1]
+    assert est["estimate_bytes"] > 0 and est["in_use_bytes"] > 0 and "diffed parameters" in est["state"]
+    assert est["available_bytes"] is None or est["available_bytes"] >= est["estimate_bytes"]
+    peaks = [r["peak_memory_bytes"] for r in log if r.get("event") == "eval"]
+    assert len(peaks) == 2 and peaks == sorted(peaks) and peaks[0] > 0
+    # the resident set's high-water mark of this (test) process, read after the run: not below the run's
+    assert peaks[-1] <= m["peak_memory_bytes"] <= memory.peak_bytes("cpu")
+    assert log[-1]["event"] == "end" and log[-1]["peak_memory_bytes"] == m["peak_memory_bytes"]
+
+    # a resumed run keeps the larger of its checkpoint's peak and its own
+    kw = dict(epochs=2, fixmask_epochs=1, save_steps=2, target_sparsity=0.02, max_train_samples=64)
+    interrupt_after_checkpoints(monkeypatch, lambda: train(_cfg(tmp_path, tiny_base, glue, "res", **kw)))
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "res" / "checkpoint" / "latest.json").read_text())
+    trainer_state = tmp_path / "res" / "checkpoint" / state["dir"] / "trainer_state.json"
+    saved = json.loads(trainer_state.read_text())
+    saved["position"]["peak_memory_bytes"] = 1 << 50  # more than this process will ever reach
+    trainer_state.write_text(json.dumps(saved))
+    res = train(_cfg(tmp_path, tiny_base, glue, "res", resume=True, **kw))
+    assert res["peak_memory_bytes"] == 1 << 50
+
+
 def test_local_indices_partition_every_global_batch():
     perm = list(range(37))
     for world in (1, 2, 3):

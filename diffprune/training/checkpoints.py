@@ -36,6 +36,8 @@ class Position:
     examples: int = 0
     epoch_records: list = dataclasses.field(default_factory=list)
     after_projection: dict | None = None
+    peak_memory_bytes: int = 0
+    """The main process's peak memory so far (`memory.peak_bytes`), across resumes."""
 
 
 

@@ -90,10 +90,11 @@ def _load_workload(cfg: TrainConfig, family: Family, base_model: str, acc, show:
         print(f"task {spec.name}: {spec.task_type} ({data.source.get('task_type_from', '')})", file=sys.stderr)
     base, tokenizer, missing = family.load_base(base_model, spec, cfg.seed)
     method = get_method(cfg.method)
+    estimate = None
     if cfg.check_memory:
-        memory.check_memory(method, base, acc.device, cfg, shards=acc.num_processes if cfg.fsdp else 1,
-                            sharing=local_processes() if acc.device.type == "cpu" else 1, missing=missing,
-                            family=family)
+        estimate = memory.check_memory(method, base, acc.device, cfg, shards=acc.num_processes if cfg.fsdp else 1,
+                                       sharing=local_processes() if acc.device.type == "cpu" else 1, missing=missing,
+                                       family=family)
     with runs.hf_quiet():
         model = method.build(base, missing, cfg, family)
     if not cfg.fsdp:  # (--fsdp: sharding.setup moves it, block by block)
@@ -106,7 +107,7 @@ def _load_workload(cfg: TrainConfig, family: Family, base_model: str, acc, show:
     if len(train_enc) == 0:
         raise TrainError("no training example is left after truncation at --max-seq-length "
                          f"{cfg.max_seq_length}; raise it")
-    return Workload(family, spec, data, train_enc, val_enc, tokenizer, pad), model, missing
+    return Workload(family, spec, data, train_enc, val_enc, tokenizer, pad), model, missing, estimate
 
 
 def _report_truncation(name: str, enc, max_len: int, show: bool) -> None:
@@ -228,6 +229,14 @@ class _Trainer:
     def log(self, record: dict) -> None:
         if self.log_path is not None:
             log_event(self.log_path, record)
+
+    def note_peak(self) -> int | None:
+        """This process's peak memory so far, kept in the position as the run's (a resumed run's includes
+        the processes before it)."""
+        now = memory.peak_bytes(self.acc.device)
+        if now is not None:
+            self.pos.peak_memory_bytes = max(self.pos.peak_memory_bytes, now)
+        return self.pos.peak_memory_bytes or None
 
     def say(self, text: str) -> None:
         if self.show:
@@ -351,9 +360,12 @@ class _Trainer:
         if d is not None:
             record["density"] = d
         pos.epoch_records.append(record)
-        self.log({"event": "eval", **record, "train_seconds": round(pos.train_seconds, 3)})  # (the run's so far)
+        peak = self.note_peak()
+        self.log({"event": "eval", **record, "train_seconds": round(pos.train_seconds, 3),  # (the run's so far)
+                  "peak_memory_bytes": peak})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        self.say(f"{phase.name} epoch {epoch + 1}/{phase.epochs}: {shown} (score {record['score']:.2f})")
+        mem = f"; peak memory {peak / 2**30:.2f} GiB" if peak else ""
+        self.say(f"{phase.name} epoch {epoch + 1}/{phase.epochs}: {shown} (score {record['score']:.2f}{mem})")
         pos.epoch, pos.step = epoch + 1, 0
         if pos.epoch == phase.epochs:
             pos.phase, pos.epoch = pi + 1, 0
@@ -392,7 +404,7 @@ def train(cfg: TrainConfig) -> dict:
         print(f"--resume: {out} has no checkpoint yet (the run stopped before its first one); "
               "starting from the beginning", file=sys.stderr)
     set_seed(cfg.seed)
-    wl, model, missing = _load_workload(cfg, family, base_model, acc, show)
+    wl, model, missing, estimate = _load_workload(cfg, family, base_model, acc, show)
     autocast = memory.memory_setup(model, opts, cfg, acc.device)
     if cfg.fsdp:
         blocks = sharding.setup(model, acc.device, world)
@@ -414,6 +426,8 @@ def train(cfg: TrainConfig) -> dict:
         print(f"training: {clock.describe(phases, steps_per_epoch)}; the bars show the whole run's ETA as 'run ETA'",
               file=sys.stderr)
     trainer = _Trainer(cfg, acc, model, wl, pos, out, settings, opts, autocast, clock, steps_per_epoch, show, wall0)
+    if estimate is not None:  # what the memory check expected, beside the peaks each evaluation logs
+        trainer.log({"event": "memory_estimate", "time": time.time(), **estimate})
 
     # 3. the phases: [candidate warm-up], L0 or dense, projection, fixed mask (or one phase: full, lora)
     if getattr(model, "stage", None) == "warmup":
@@ -430,6 +444,7 @@ def train(cfg: TrainConfig) -> dict:
             trainer.run_phase(pi, phase, ckpt)
     final = trainer.last_metrics if (trainer.last_metrics is not None and not trainer.changed_since_eval) \
         else trainer.timed_eval()
+    trainer.note_peak()
 
     # 4. the artefacts (main process), then the metrics on every process
     if getattr(model, "sharded", False):

@@ -27,6 +27,22 @@ def available_memory(device) -> int | None:
     return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
+def in_use_bytes(device) -> int | None:
+    """What this process holds now: allocated accelerator memory (CUDA), or the resident set (VmRSS)."""
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return proc_bytes("/proc/self/status", "VmRSS")
+
+
+def peak_bytes(device) -> int | None:
+    """This process's peak memory so far: allocated accelerator memory (CUDA), or the resident set's
+    high-water mark (VmHWM) on a CPU, which counts everything the process holds (the loaded model too),
+    the figure that decides whether a run fits."""
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return proc_bytes("/proc/self/status", "VmHWM")
+
+
 def weights_to_page_in(base, device) -> int:
     """Bytes of `base`'s weights that are not in this process's own memory yet. transformers maps a
     safetensors checkpoint lazily, so right after loading its pages are file cache that MemAvailable
@@ -59,7 +75,7 @@ def activation_bytes(base, cfg) -> int:
     return int(total)
 
 
-def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int = 1, missing=(), family=None) -> None:
+def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int = 1, missing=(), family=None) -> dict:
     """Refuse before training when the run clearly cannot fit in the memory available: the method's
     training state (`training_state`: only what it trains), the weights not yet in memory
     (`weights_to_page_in`) and the activations (`activation_bytes`, an estimate from the model's shape),
@@ -73,7 +89,12 @@ def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int =
 
     `shards`: the processes --fsdp spreads state and weights over (each holds 1/shards of them);
     `sharing`: the processes whose memory this is (on a CPU every process of the machine: two ranks on
-    one host need all of it there, sharded or not; on an accelerator, its own process)."""
+    one host need all of it there, sharded or not; on an accelerator, its own process).
+
+    Returns the estimate when the run fits (``estimate_bytes``: what training will add to the
+    ``in_use_bytes`` the process holds now; ``available_bytes``: None where unknown; ``state``: how the
+    training state adds up), which training logs beside the peaks it measures (in use + estimate is the
+    expected peak)."""
     scale = sharing / shards
     weights = int(weights_to_page_in(base, device) * scale)
     acts = int(activation_bytes(base, cfg) * sharing)
@@ -95,7 +116,8 @@ def check_memory(method, base, device, cfg=None, shards: int = 1, sharing: int =
     need = total(cfg)
     have = available_memory(device)
     if have is None or need <= have:
-        return
+        return {"estimate_bytes": int(need), "in_use_bytes": in_use_bytes(device), "available_bytes": have,
+                "state": how}
 
     def size(b: int) -> str:
         return f"{b / 2**30:.1f} GiB" if need >= 2**30 else f"{b / 2**20:.1f} MiB"
