@@ -109,7 +109,7 @@ def finish(cfg, out: Path, model, tokenizer, family, spec, task_info, data, pos:
     runs.write_json(out / runs.RUN_FILE, {"format": runs.RUN_FORMAT, "status": "complete", "task_info": task_info,
                                           "data": data.source, "settings": settings})
     log_event(out / runs.LOG_FILE, {"event": "end", "time": time.time(), "score": metrics["score"], "final": final,
-                              "nnz": metrics["nnz"], "stored_bytes": stored, "train_seconds": metrics["train_seconds"],
+                                    "nnz": metrics["nnz"], "stored_bytes": stored, "train_seconds": metrics["train_seconds"],
                                     "peak_memory_bytes": metrics["peak_memory_bytes"]})
     shutil.rmtree(out / runs.CHECKPOINT_DIR, ignore_errors=True)
     return metrics
