@@ -51,7 +51,8 @@ def render_model_card(metrics: dict, task_info: dict, source: dict | None = None
         f"{_bytes(m['full_model_bytes'])}) |",
         f"| validation score | {m['score']:.2f} ({' / '.join(f'{k} {v:.4f}' for k, v in m['final'].items())}) |",
         f"| training | {m['train_examples']:,} examples, {m['steps']:,} steps, {m['train_seconds']:.0f} s"
-        f" on {m['world_size']} process(es) |",
+        f" on {m['world_size']} process(es)"
+        + (f", peak memory {_bytes(m['peak_memory_bytes'])}" if m.get("peak_memory_bytes") else "") + " |",
         "",
         "## Validation by epoch",
         "",

@@ -147,6 +147,9 @@ def test_the_run_logs_its_memory_estimate_and_peaks(tmp_path, tiny_base, glue, m
     # the resident set's high-water mark of this (test) process, read after the run: not below the run's
     assert peaks[-1] <= m["peak_memory_bytes"] <= memory.peak_bytes("cpu")
     assert log[-1]["event"] == "end" and log[-1]["peak_memory_bytes"] == m["peak_memory_bytes"]
+    from diffprune.modelcard import _bytes
+
+    assert f"peak memory {_bytes(m['peak_memory_bytes'])}" in (tmp_path / "run" / "README.md").read_text()
 
     # a resumed run keeps the larger of its checkpoint's peak and its own
     kw = dict(epochs=2, fixmask_epochs=1, save_steps=2, target_sparsity=0.02, max_train_samples=64)
