@@ -29,6 +29,7 @@ def test_from_l0_equals_the_straight_run_at_every_budget(method, tmp_path, tiny_
     assert not (l0_dir / "metrics.json").exists() and not (l0_dir / "diff.safetensors").exists()
     log = [json.loads(x) for x in (l0_dir / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["event"] == "stop" and not any(r.get("event") == "project" for r in log)
+    assert log[-1]["peak_memory_bytes"] == stopped["peak_memory_bytes"] > 0
 
     for t in (0.01, 0.05):
         straight = train(_cfg(tmp_path, tiny_base, glue, f"straight-{t}", method=method, target_sparsity=t))
