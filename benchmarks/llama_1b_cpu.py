@@ -101,6 +101,9 @@ def run_one(name: str, model_dir: Path, data: Path, val: Path, out: Path) -> dic
     metrics = json.loads((out / "metrics.json").read_text())
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if x.strip()]
     warmup = [e for e in log if e.get("event") == "candidates"]
+    est = [e for e in log if e.get("event") == "memory_estimate"]
+    if est and est[0].get("in_use_bytes") is not None:  # what the memory check expected the run to peak at
+        record["expected_peak_gib"] = round((est[0]["in_use_bytes"] + est[0]["estimate_bytes"]) / 2**30, 2)
     record.update({
         "steps": metrics.get("steps"), "nnz": metrics["nnz"], "n_diffed": metrics.get("n_diffed"),
         "stored_bytes": metrics["stored_bytes"], "train_seconds": metrics["train_seconds"],
@@ -159,7 +162,8 @@ def write_report(info: dict, records: list[dict], args, out_dir: Path) -> str:
         "frozen by the causal-LM default), the offline BPE tokenizer of `diffprune.tiny`, "
         f"{args.rows} text rows of about 512 tokens, batch 1, one L0 and one fixed-mask epoch, 0.5%. "
         "Random weights: no score is reported. Each run is `diffprune train` in its own process; peak memory is "
-        "its resident set (weights included).",
+        "its resident set (weights included); \"expected\" is what the run's memory check logged: the process's "
+        "memory at the check plus the estimate of what training adds (runs since 2026-12-07 evening).",
         "",
         "| configuration | date | exit | wall time | peak memory | what happened |",
         "|---|---|---|---|---|---|",
@@ -173,8 +177,9 @@ def write_report(info: dict, records: list[dict], args, out_dir: Path) -> str:
             what = (f"trained: {r['steps']} steps ({pace['l0']} s per L0 step, {pace['fixed']} s per fixed-mask step"
                     + (f", after a {wu['warmup_steps']}-batch importance warm-up of {wu['seconds']:.0f} s" if wu else "")
                     + f"), {r['nnz']:,} nonzeros of {r['n_diffed']:,}, a {r['stored_bytes'] / 1e6:.1f} MB diff")
+        expected = f" (expected {r['expected_peak_gib']:.1f})" if r.get("expected_peak_gib") else ""
         lines.append(f"| {r['title']} | {r.get('date', '?')} | {r['exit_code']} | {r['wall_seconds']:.0f} s | "
-                     f"{r['peak_rss_gib']:.1f} GiB | {what} |")
+                     f"{r['peak_rss_gib']:.1f} GiB{expected} | {what} |")
     lines += ["", "## Provenance", "", f"- command: `{_env.command()}`", f"- machine: {_env.machine()}",
               f"- versions: {_env.versions()}", f"- date: {_env.now()}",
               f"- note: {args.note}" if args.note else "- note: —"]

@@ -19,6 +19,9 @@ def test_llama_cpu_benchmark_on_a_tiny_llama(tmp_path):
     assert run["exit_code"] == 0 and run["steps"] == 8  # 4 rows x (1 L0 + 1 fixed-mask epoch) at batch 1
     assert run["nnz"] == round(0.005 * run["n_diffed"]) and run["candidate_warmup"]["warmup_steps"] == 4
     assert run["peak_rss_gib"] > 0 and rec["model"]["shape"] == "llama-tiny"
+    # the memory check's expectation, from the run's own log, beside the measured peak
+    assert 0 < run["expected_peak_gib"] <= 2 * run["peak_rss_gib"]
+    assert f"GiB (expected {run['expected_peak_gib']:.1f})" in (results / "llama_1b_cpu.md").read_text()
     assert "trained: 8 steps" in (results / "llama_1b_cpu.md").read_text()
     # the paces come from the training seconds the evaluations log: 4 steps of each phase + the warm-up
     pace = run["seconds_per_step"]
