@@ -154,7 +154,6 @@ def test_the_run_logs_its_memory_estimate_and_peaks(tmp_path, tiny_base, glue, m
     # a resumed run keeps the larger of its checkpoint's peak and its own
     kw = dict(epochs=2, fixmask_epochs=1, save_steps=2, target_sparsity=0.02, max_train_samples=64)
     interrupt_after_checkpoints(monkeypatch, lambda: train(_cfg(tmp_path, tiny_base, glue, "res", **kw)))
-    monkeypatch.undo()
     state = json.loads((tmp_path / "res" / "checkpoint" / "latest.json").read_text())
     trainer_state = tmp_path / "res" / "checkpoint" / state["dir"] / "trainer_state.json"
     saved = json.loads(trainer_state.read_text())
