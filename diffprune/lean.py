@@ -29,12 +29,14 @@ MOMENTS = ("fp32", "bf16", "factored")
 alpha's follow `--alpha-dtype`); factored (w's and alpha's: a bf16 first moment and Adafactor's factored
 second moment per matrix, `diffprune.factored`)."""
 
-LEAN = {"optimizer_in_backward": True, "alpha_dtype": "bf16", "recompute_weights": True, "theta_dtype": "bf16",
+LEAN = {"optimizer_in_backward": True, "alpha_dtype": "bf16", "recompute_weights": True, "theta_dtype": "fp32",
         "moments_dtype": "fp32", "w_dtype": "fp32"}
-"""What ``--memory lean`` turns on (each is also its own option). bf16 frozen weights only on an
-accelerator: on CPU they are left in fp32 (bf16 matmuls are ~300x slower on CPUs without AMX). The
-moments of w in bf16 (`--moments-dtype bf16`) and w itself in bf16 (`--w-dtype bf16`) are not part of it
-until their accuracy is measured. With candidates (`resolve(..., candidates=c)`) the optimiser step stays
+"""What ``--memory lean`` turns on (each is also its own option). An option becomes part of it once its
+effect on the 5-task GLUE score is measured: the moments of w in bf16 (`--moments-dtype bf16`), w itself
+in bf16 (`--w-dtype bf16`) and factored moments are measured and left out (each costs accuracy or has
+not shown it keeps it); the frozen weights in bf16 under autocast (`--theta-dtype bf16`, accelerators
+only: bf16 matmuls are ~300x slower on CPUs without AMX) are not measured yet, for want of a GPU, and
+left out until they are. With candidates (`resolve(..., candidates=c)`) the optimiser step stays
 after backward: the gradients are then those of the c * n candidates (6 bytes each with bf16 alpha; on
 MiniLM at 8 x 64 the L0 steps' live peak is 177 MiB against 175 inside backward, both under the warm-up's),
 the step is one multi-tensor AdamW call instead of one call per tensor (1.14x full finetuning's step time
@@ -51,8 +53,6 @@ def resolve(memory: str, overrides: dict, accelerator: bool, candidates: float |
     if memory not in MEMORY_MODES:
         raise ConfigError(f"--memory {memory!r} is not one of {', '.join(MEMORY_MODES)}")
     opts = dict(LEAN if memory == "lean" else STANDARD)
-    if memory == "lean" and not accelerator:
-        opts["theta_dtype"] = "fp32"
     if memory == "lean" and candidates is not None:
         opts["optimizer_in_backward"] = False
     opts.update({k: v for k, v in overrides.items() if v is not None})

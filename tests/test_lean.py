@@ -283,6 +283,22 @@ def test_lean_keeps_the_step_after_backward_with_candidates():
     assert not cfg.memory_options(accelerator=False)["optimizer_in_backward"]
 
 
+def test_lean_preset_holds_only_options_measured_on_glue():
+    """--memory lean turns on what the 5-task GLUE grid measured (in-backward AdamW, bf16 gate logits,
+    recomputed weights) on every device alike; bf16 frozen weights (not measured: no GPU yet), bf16 moments or
+    w and factored moments only when asked for, and bf16 frozen weights still refused on a CPU."""
+    from diffprune.lean import LEAN, resolve
+
+    for accelerator in (False, True):
+        opts = resolve("lean", {}, accelerator=accelerator)
+        assert opts == LEAN
+        assert opts["optimizer_in_backward"] and opts["alpha_dtype"] == "bf16" and opts["recompute_weights"]
+        assert (opts["theta_dtype"], opts["w_dtype"], opts["moments_dtype"]) == ("fp32", "fp32", "fp32")
+    assert resolve("lean", {"theta_dtype": "bf16"}, accelerator=True)["theta_dtype"] == "bf16"
+    with pytest.raises(ConfigError, match="300x slower"):
+        resolve("lean", {"theta_dtype": "bf16"}, accelerator=False)
+
+
 def test_state_estimate_follows_the_memory_options():
     m = get_method("structured")
     base = TrainConfig(output_dir="x")

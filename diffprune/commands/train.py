@@ -102,23 +102,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("memory (README, \"Training cost and memory\")")
     g.add_argument("--memory", choices=("standard", "lean"), default=d.memory,
                    help="lean: the optimiser step inside backward (not with --candidates, whose gradients are "
-                        "small), gate logits in bf16, effective weights recomputed in backward, and on a GPU frozen "
-                        "weights in bf16 (default standard)")
+                        "small), gate logits in bf16 and effective weights recomputed in backward: the options whose "
+                        "GLUE scores are measured to keep accuracy (default standard)")
     g.add_argument("--optimizer-in-backward", type=_bool, default=None, metavar="{true,false}",
                    help="step each tensor as soon as its gradient is complete (no persistent gradients; "
                         "clipping uses the previous step's norm; one process only)")
     g.add_argument("--alpha-dtype", choices=("fp32", "bf16"), default=None, help="gate logits and their moments")
     g.add_argument("--w-dtype", choices=("fp32", "bf16"), default=None,
-                   help="the L0 stage's diff values w and their moments (bf16: stochastically rounded; not in "
-                        "--memory lean until its accuracy is measured)")
+                   help="the L0 stage's diff values w and their moments (bf16: stochastically rounded; not part of "
+                        "--memory lean: README, each option's GLUE score)")
     g.add_argument("--moments-dtype", choices=MOMENTS, default=None,
                    help="the L0 stage's AdamW moments (bf16: w's, stochastically rounded; factored: w's and alpha's "
                         "first moment in bf16 and the second moment factored over each matrix's rows and columns, "
-                        "as Adafactor does; neither is in --memory lean until its accuracy is measured)")
+                        "as Adafactor does; neither is part of --memory lean: README, each option's GLUE score)")
     g.add_argument("--recompute-weights", type=_bool, default=None, metavar="{true,false}",
                    help="recompute each layer's theta + delta in backward instead of keeping it")
     g.add_argument("--theta-dtype", choices=("fp32", "bf16"), default=None,
-                   help="frozen weights (bf16: GPUs only, under bf16 autocast)")
+                   help="frozen weights (bf16: GPUs only, under bf16 autocast; not part of --memory lean until its "
+                        "GLUE score is measured on a GPU)")
     g.add_argument("--compile-gates", action="store_true",
                    help="run the dense L0 stage's gate arithmetic as torch.compile'd kernels: faster (one pass per "
                         "block instead of a dozen), the same values up to float rounding; compiles on first use")

@@ -83,7 +83,8 @@ class TrainConfig:
     moments_dtype: str | None = None
     """Diff methods: the L0 stage's AdamW moments of w in "fp32" or "bf16" (stochastically rounded)."""
     theta_dtype: str | None = None
-    """Frozen weights in "fp32" or "bf16" (accelerators only; the forward then runs under bf16 autocast)."""
+    """Frozen weights in "fp32" or "bf16" (accelerators only; the forward then runs under bf16 autocast; not part
+    of memory="lean" until its GLUE score is measured)."""
     compile_gates: bool = False
     """Diff methods: the dense L0 stage's gate arithmetic as `torch.compile`d kernels (`gates.FusedGates`):
     faster, the same values up to float rounding; compiles on first use and adds torch's compiler stack to
