@@ -28,6 +28,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 import _env  # noqa: E402
 import glue_accuracy  # noqa: E402
 
+import torch  # noqa: E402
+
 from diffprune._io import atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +44,8 @@ CONFIGS = {
     "lean_factored": ("dense L0, `--memory lean --moments-dtype factored`", {"memory": "lean", "moments_dtype": "factored"}),
     "in_backward": ("dense L0, `--optimizer-in-backward` only", {"optimizer_in_backward": True}),
     "alpha_bf16": ("dense L0, `--alpha-dtype bf16` only", {"alpha_dtype": "bf16"}),
+    "lean_theta16": ("dense L0, `--memory lean --theta-dtype bf16` (GPUs only: bf16 frozen weights under autocast)",
+                     {"memory": "lean", "theta_dtype": "bf16"}),
     # candidates at the dense L0's w learning rate, 1e-4 (the library's default with --candidates until 2026-12-07)
     "c0.02": ("candidate L0, `--candidates 0.02 --lr 1e-4`", {"candidates": 0.02, "lr": 1e-4}),
     "c0.05": ("candidate L0, `--candidates 0.05 --lr 1e-4`", {"candidates": 0.05, "lr": 1e-4}),
@@ -70,6 +74,8 @@ SUPERSEDED = {
                             "over the input feature's RMS; at commit 9410e2a only)",
                             {"candidates": 0.05, "candidate_importance": "grad_per_input_rms"}),
 }
+GPU_ONLY = ("lean_theta16",)
+"""Configurations the CPU refuses (bf16 frozen weights): `run` leaves them out by default where there is no GPU."""
 GPU_MARK = " ᴳ"  # a seed-0 cell trained on a GPU
 PUBLISHED_DENSE = REPO / "benchmarks" / "results" / "glue_structured_study" / "per_gate_lr_1e-4" / "glue_accuracy.json"
 
@@ -289,7 +295,8 @@ def plot_candidates(table: dict, path: Path) -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=("run", "report"))
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
+                   help=f"default: all ({', '.join(GPU_ONLY)} only where there is a GPU)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "glue"))
@@ -298,6 +305,12 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default=str(REPO / "benchmarks" / "work" / "memory_accuracy"))
     p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    if args.configs is None:
+        args.configs = [c for c in CONFIGS if gpu or c not in GPU_ONLY]
+    elif args.action == "run" and not gpu and set(args.configs) & set(GPU_ONLY):
+        p.error(f"{', '.join(sorted(set(args.configs) & set(GPU_ONLY)))}: bf16 frozen weights train on a GPU only "
+                "(this machine has none); leave it out of --configs")
     restore_published(args)
     status = 0
     if args.action == "run":

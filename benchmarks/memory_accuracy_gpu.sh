@@ -6,6 +6,8 @@
 #   WORKERS=8 DATA_DIR=../shared/glue benchmarks/memory_accuracy_gpu.sh
 #
 # Phases, in the order the issue needs them (a worker moves on when a phase has nothing left):
+#   0. --memory lean with bf16 frozen weights (--theta-dtype bf16, GPUs only), five tasks: the one lean
+#      option no CPU can measure, left out of --memory lean until it is
 #   1. candidate L0 at its default w lr (5e-4) at c = 2%, 5% and 10% on the five tasks (the issue's c
 #      grid; cells the CPU finished are skipped)
 #   2. candidate L0 5% with --memory lean (the configuration train_cost.py measures), five tasks
@@ -33,6 +35,7 @@ mkdir -p "$WORK/logs"
 bench=("$PYTHON" benchmarks/memory_accuracy.py run --data-dir "$DATA_DIR" --work-dir "$WORK" --results-dir "$RESULTS"
        ${EXTRA_ARGS:-})
 worker() {
+    "${bench[@]}" --configs lean_theta16
     "${bench[@]}" --configs c0.05_lr5e-4 c0.02_lr5e-4 c0.10_lr5e-4
     "${bench[@]}" --configs c0.05_lean
     "${bench[@]}" --configs c0.05_lr5e-4 --tasks rte mrpc --seeds 1 2

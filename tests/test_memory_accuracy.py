@@ -128,3 +128,31 @@ def test_the_report_plots_score_against_the_candidate_fraction_once_two_are_meas
     series = dict(memory_accuracy.C_SERIES)["candidate L0, w lr 5e-4"]
     assert memory_accuracy.c_points(table, series, "rte") == [(0.05, 59.2), (0.10, 55.2)]
     assert memory_accuracy.c_points(table, series, "cola") == [(0.02, 28.1)]
+
+
+def test_gpu_only_configurations_are_refused_before_any_work_on_a_cpu(tmp_path, monkeypatch, capsys):
+    """bf16 frozen weights train on a GPU only: asked for on a CPU, `run` stops before creating anything;
+    the default list leaves them out there and keeps them where there is a GPU."""
+    import pytest
+    import torch
+
+    import memory_accuracy
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit):
+        memory_accuracy.main(["run", "--configs", "lean", "lean_theta16", "--work-dir", str(work),
+                              "--results-dir", str(tmp_path / "results")])
+    assert "lean_theta16: bf16 frozen weights train on a GPU only" in capsys.readouterr().err
+    assert not work.exists() and not (tmp_path / "results").exists()
+
+    seen = []
+    monkeypatch.setattr(memory_accuracy, "restore_published", lambda args: seen.append(list(args.configs)))
+    monkeypatch.setattr(memory_accuracy, "write_report", lambda *a, **k: "")
+    monkeypatch.setattr(memory_accuracy, "collect", lambda args: [])
+    monkeypatch.setattr(memory_accuracy.glue_accuracy, "main", lambda argv: 0)
+    memory_accuracy.main(["run", "--tasks", "rte", "--work-dir", str(work)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    memory_accuracy.main(["run", "--tasks", "rte", "--work-dir", str(work)])
+    assert "lean_theta16" not in seen[0] and "lean" in seen[0]
+    assert seen[1] == list(memory_accuracy.CONFIGS)
