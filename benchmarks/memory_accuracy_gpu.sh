@@ -18,7 +18,8 @@
 # finished are not trained again; copy a CPU work dir into WORK first to resume its half-trained cells.
 # Every finished cell rewrites $RESULTS/memory_accuracy.{md,json} (published and new records together;
 # cells trained on a GPU are marked in the table and their machine is listed): on a lent device machine
-# copy those two files to $OUT at the end. A smoke test of this script on the CPU:
+# copy those two files to $OUT at the end. A smoke test of this script on the CPU (phase 0 is refused
+# there with one line, and the workers go on):
 #   WORKERS=2 WORK=/tmp/ma_smoke RESULTS=/tmp/ma_smoke/results EXTRA_ARGS="--model TINY_BERT_DIR --max-train-samples 16" \
 #       benchmarks/memory_accuracy_gpu.sh
 set -u
