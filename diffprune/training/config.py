@@ -81,7 +81,8 @@ class TrainConfig:
     w_dtype: str | None = None
     """Diff methods: the L0 stage's w (and so its AdamW moments) in "fp32" or "bf16" (stochastically rounded)."""
     moments_dtype: str | None = None
-    """Diff methods: the L0 stage's AdamW moments of w in "fp32" or "bf16" (stochastically rounded)."""
+    """Diff methods: the L0 stage's AdamW moments: "fp32"; "bf16" (w's, stochastically rounded); "factored" (w's
+    and alpha's: a bf16 first moment and Adafactor's factored second moment per matrix)."""
     theta_dtype: str | None = None
     """Frozen weights in "fp32" or "bf16" (accelerators only; the forward then runs under bf16 autocast; not part
     of memory="lean" until its GLUE score is measured)."""
