@@ -57,22 +57,26 @@ def _batches(task: str, data_dir: str, model_path: str, steps: int, batch: int, 
 
 
 class _Sums:
-    """Running sums of one comparison over many steps (held in float64 scalars, and a fixed number of sampled
-    per-entry ratios per step for the median and the tails): a run's updates would not fit in memory."""
+    """One comparison of updates b against reference updates a, over the entries where a moved, accumulated over
+    many steps: float64 sums for the RMS and the cosine, and per-entry ratios for the median and the tails
+    (`per_step` of them sampled per step, or all with None): a run's updates would not fit in memory."""
 
-    def __init__(self, per_step: int = 20_000):
+    def __init__(self, per_step: int | None = 20_000):
         self.aa = self.bb = self.ab = 0.0
         self.entries, self.per_step, self.ratios = 0, per_step, []
 
-    def add(self, a: torch.Tensor, b: torch.Tensor, step: int) -> None:
+    def add(self, a: torch.Tensor, b: torch.Tensor, step: int = 0) -> "_Sums":
         keep = a != 0
         a, b = a[keep].double(), b[keep].double()
         self.aa += float(a @ a)
         self.bb += float(b @ b)
         self.ab += float(a @ b)
         self.entries += len(a)
-        pick = torch.randperm(len(a), generator=torch.Generator().manual_seed(step))[: self.per_step]
-        self.ratios.append((b[pick] / a[pick]).abs())
+        if self.per_step is not None and len(a) > self.per_step:
+            pick = torch.randperm(len(a), generator=torch.Generator().manual_seed(step))[: self.per_step]
+            a, b = a[pick], b[pick]
+        self.ratios.append((b / a).abs())
+        return self
 
     def result(self) -> dict:
         r = torch.cat(self.ratios)
@@ -83,16 +87,13 @@ class _Sums:
 
 
 def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:
-    """The update b against the reference update a, over the entries where a moved: sizes and direction."""
-    keep = a != 0
-    a, b = a[keep].double(), b[keep].double()
-    cosine = float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
-    a, b = a.abs(), b.abs()
-    ratio = b / a
-    return {"entries": int(keep.sum()), "cosine": cosine,
-            "rms_ratio": float(b.square().mean().sqrt() / a.square().mean().sqrt()),
-            "median_ratio": float(ratio.median()), "under_half": float((ratio < 0.5).double().mean()),
-            "over_twice": float((ratio > 2).double().mean())}
+    """The update b against the reference update a, over the entries where a moved (every entry's ratio)."""
+    return _Sums(per_step=None).add(a, b).result()
+
+
+def _updates(now: dict, before: dict, names: list[str], seen: dict, kind: str) -> torch.Tensor:
+    """This step's change of every `kind` ("w" or "alpha") tensor, at the entries whose gradient has been nonzero."""
+    return torch.cat([(now[n].detach().float() - before[n])[seen[n]] for n in names if n.endswith("." + kind)])
 
 
 def measure(model_path: str, task: str, data_dir: str, steps: int, batch: int, seq_len: int, moments: list[str],
@@ -132,14 +133,12 @@ def measure(model_path: str, task: str, data_dir: str, steps: int, batch: int, s
             seen[n] |= params[n].grad != 0
         opt.step()
         opt.zero_grad()
-        ref = {k: torch.cat([(params[n].detach().float() - before[n])[seen[n]]
-                             for n in names if n.endswith("." + k)]) for k in ("w", "alpha")}
+        ref = {k: _updates(params, before, names, seen, k) for k in ("w", "alpha")}
         row = {"step": step, **{f"reference_{k}_rms_over_lr": float(ref[k].double().square().mean().sqrt()) / rate
                                 for k, rate in (("w", lr), ("alpha", alpha_lr))}}
         for md in moments:
             for k in KINDS[md]:
-                upd = torch.cat([(twins[md][n].detach().float() - before_t[md][n])[seen[n]]
-                                 for n in names if n.endswith("." + k)])
+                upd = _updates(twins[md], before_t[md], names, seen, k)
                 row[f"{md}:{k}"] = _compare(ref[k], upd)
                 totals[f"{md}:{k}"].add(ref[k], upd, step)
         per_step.append(row)

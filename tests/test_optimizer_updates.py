@@ -42,6 +42,10 @@ def test_sums_over_steps_equal_one_comparison_of_all_entries():
     assert got["entries"] == want["entries"] == 75 and got["sampled_ratios"] == 75
     for key in ("cosine", "rms_ratio", "median_ratio", "under_half", "over_twice"):
         assert got[key] == pytest.approx(want[key], rel=1e-9), key
+    # past `per_step` entries a step, the ratios are sampled; the sums still cover every entry
+    few = optimizer_updates._Sums(per_step=10).add(a1, b1, 1).result()
+    assert few["sampled_ratios"] == 10 and few["entries"] == 45
+    assert few["rms_ratio"] == pytest.approx(optimizer_updates._compare(a1, b1)["rms_ratio"], rel=1e-12)
 
 
 def test_run_on_a_tiny_model(tmp_path, tiny_base, glue):
