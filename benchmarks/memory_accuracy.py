@@ -74,8 +74,22 @@ SUPERSEDED = {
                             "over the input feature's RMS; at commit 9410e2a only)",
                             {"candidates": 0.05, "candidate_importance": "grad_per_input_rms"}),
 }
-GPU_ONLY = ("lean_theta16",)
-"""Configurations the CPU refuses (bf16 frozen weights): `run` leaves them out by default where there is no GPU."""
+
+
+def _needs_accelerator(settings: dict) -> bool:
+    """Whether training refuses these settings on a CPU (the library's rule: `TrainConfig.memory_options`)."""
+    from diffprune.errors import ConfigError
+    from diffprune.training import TrainConfig
+
+    try:
+        TrainConfig(output_dir="unused", **settings).memory_options(accelerator=False)
+    except ConfigError:
+        return True
+    return False
+
+
+GPU_ONLY = tuple(c for c, (_, settings) in CONFIGS.items() if _needs_accelerator(settings))
+"""Configurations training refuses on a CPU (bf16 frozen weights): `run` leaves them out by default there."""
 GPU_MARK = " ᴳ"  # a seed-0 cell trained on a GPU
 PUBLISHED_DENSE = REPO / "benchmarks" / "results" / "glue_structured_study" / "per_gate_lr_1e-4" / "glue_accuracy.json"
 
