@@ -161,15 +161,16 @@ def _stop_after_l0(acc, out: Path, trainer) -> dict:
     """--stop-after l0: the run ends at its L0 checkpoint (written at the last L0 epoch's end)."""
     ckpt = checkpoints.latest_checkpoint(out)
     score = trainer.pos.epoch_records[-1]["score"] if trainer.pos.epoch_records else None
+    peak = trainer.note_peak()
     trainer.log({"event": "stop", "after": "l0", "time": time.time(), "checkpoint": ckpt.name if ckpt else None,
-                 "peak_memory_bytes": trainer.note_peak()})
+                 "peak_memory_bytes": peak})
     trainer.say(f"stopped after the L0 stage (--stop-after l0); its state is kept in {out / runs.CHECKPOINT_DIR}: "
                 f"--from-l0 {out} starts a run on any budget from it, --resume continues this one")
     barrier(acc)
     acc.end_training()
     return {"stopped_after": "l0", "output_dir": str(out), "checkpoint": str(ckpt) if ckpt else None,
             "l0_score": score, "density": trainer.pos.epoch_records[-1].get("density") if score is not None else None,
-            "train_seconds": round(trainer.pos.train_seconds, 3), "peak_memory_bytes": trainer.pos.peak_memory_bytes or None}
+            "train_seconds": round(trainer.pos.train_seconds, 3), "peak_memory_bytes": peak}
 
 
 def _seed_processes(cfg: TrainConfig, rank: int, ckpt) -> None:
